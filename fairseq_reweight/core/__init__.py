@@ -1,0 +1,14 @@
+"""Framework-agnostic reweighting core (pure torch): teachers, weight normalisation,
+meta-gradients (exact and fast), diagnostics. Used unchanged by the fairseq plugin and the
+image module."""
+
+from .diagnostics import WeightDumper, auc, weight_stats
+from .metagrad import MetaGrad, capture_rng, fixed_rng, weight_gradient
+from .reweighter import METHODS, Reweighter
+from .teacher import RunningNorm, Teacher
+from .weights import l2rw_weights, normalize
+
+__all__ = [
+    "METHODS", "MetaGrad", "Reweighter", "RunningNorm", "Teacher", "WeightDumper", "auc", "capture_rng",
+    "fixed_rng", "l2rw_weights", "normalize", "weight_gradient", "weight_stats",
+]

@@ -1,0 +1,163 @@
+"""The reweighting methods behind one interface, shared by the fairseq task and the image trainer.
+
+    rw = Reweighter("deep", teacher_lr=1e-3)
+    weights, info = rw.weights(step, features, meta_grad_fn)   # [B], detached, mean 1
+    loss = (weights * per_example_losses).sum() / denom
+
+``meta_grad_fn(w) -> MetaGrad`` is a closure over the framework's student and batches, usually
+:func:`fairseq_reweight.core.metagrad.weight_gradient` with the batches bound.
+
+Methods:
+  ``none``   uniform weights (plain training);
+  ``l2rw``   Ren et al. 2018: ``w ∝ max(0, -dL_meta/d eps)`` at eps = 0, every step, no teacher;
+  ``mwnet``  Shu et al. 2019: teacher MLP on the example loss only;
+  ``deep``   Fan et al. 2021: teacher MLP on the student's internal states + loss statistics +
+             training progress (the features are built by the glue; this class does not care).
+Teacher update (mwnet/deep, every ``meta_interval`` steps): ``w = normalize(teacher(x))``, the
+meta-gradient ``dL_meta/dw`` at that ``w`` is back-propagated through the normalisation and the
+teacher, then one Adam step; the weights returned are recomputed with the updated teacher.
+A non-finite meta-gradient or meta loss skips the teacher update (counted in ``info``).
+"""
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from .metagrad import MetaGrad
+from .teacher import Teacher
+from .weights import l2rw_weights, normalize
+
+METHODS = ("none", "l2rw", "mwnet", "deep")
+
+
+class Reweighter:
+    def __init__(
+        self,
+        method: str,
+        meta_interval: int = 1,
+        teacher_lr: float = 1e-3,
+        teacher_hidden: int = 100,
+        teacher_layers: int = 1,
+        grad_sync: Optional[Callable[[torch.nn.Module], None]] = None,
+    ):
+        if method not in METHODS:
+            raise ValueError(f"unknown reweighting method {method!r}; choose one of {', '.join(METHODS)}")
+        if meta_interval < 1:
+            raise ValueError(f"meta interval must be >= 1, got {meta_interval}")
+        self.method = method
+        self.meta_interval = meta_interval
+        self.teacher_lr = teacher_lr
+        self.teacher_hidden = teacher_hidden
+        self.teacher_layers = teacher_layers
+        self.grad_sync = grad_sync  # e.g. all-reduce of the teacher's grads under DDP
+        self.teacher: Optional[Teacher] = None
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.meta_steps = 0
+        self.meta_skipped = 0
+        self._pending: Optional[dict] = None
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.method in ("mwnet", "deep")
+
+    @property
+    def uses_meta(self) -> bool:
+        return self.method != "none"
+
+    def is_meta_step(self, step: int) -> bool:
+        return self.method == "l2rw" or (self.has_teacher and step % self.meta_interval == 0)
+
+    # ------------------------------------------------------------------ teacher lifecycle
+    def ensure_teacher(self, in_dim: int, device: torch.device) -> Teacher:
+        """Build the teacher on first use (its input size is the student's feature size)."""
+        if self.teacher is None:
+            self.teacher = Teacher(in_dim, self.teacher_hidden, self.teacher_layers).to(device)
+            self.optimizer = torch.optim.Adam(self.teacher.parameters(), lr=self.teacher_lr)
+            if self._pending is not None:
+                state, self._pending = self._pending, None
+                if state["in_dim"] != in_dim:
+                    raise ValueError(
+                        f"the checkpoint's teacher takes {state['in_dim']} input features but this student "
+                        f"gives {in_dim}: resume with the same --teacher-states/architecture, or start a "
+                        "fresh teacher with --reset-teacher"
+                    )
+                self.teacher.load_state_dict(state["teacher"])
+                self.optimizer.load_state_dict(state["optimizer"])  # moves its state to `device`
+        elif self.teacher.in_dim != in_dim:
+            raise ValueError(f"teacher built for {self.teacher.in_dim} features, got {in_dim}")
+        return self.teacher
+
+    def state_dict(self) -> dict:
+        if self.teacher is None:
+            return dict(self._pending) if self._pending is not None else {}
+        return {
+            "method": self.method,
+            "in_dim": self.teacher.in_dim,
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "meta_steps": self.meta_steps,
+            "meta_skipped": self.meta_skipped,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a saved teacher; applied when the teacher is built on the student's device."""
+        if not state:
+            return
+        if state.get("method") != self.method:
+            raise ValueError(
+                f"the checkpoint's teacher was trained with --reweight-method {state.get('method')} but this run "
+                f"uses {self.method}: use the same method, or --reset-teacher to start a fresh teacher"
+            )
+        self.meta_steps = state.get("meta_steps", 0)
+        self.meta_skipped = state.get("meta_skipped", 0)
+        self.teacher, self.optimizer, self._pending = None, None, state
+
+    # ------------------------------------------------------------------ weights
+    def weights(
+        self,
+        step: int,
+        features: Optional[torch.Tensor],
+        meta_grad_fn: Optional[Callable[[torch.Tensor], MetaGrad]],
+        batch_size: Optional[int] = None,
+        device: Optional[torch.device] = None,
+    ) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """Normalised weights for this batch (detached) and a dict of diagnostics to log."""
+        info: Dict[str, float] = {}
+        if features is not None:
+            batch_size, device = features.shape[0], features.device
+        ones = torch.ones(batch_size, device=device)
+        if self.method == "none":
+            return ones, info
+        if self.method == "l2rw":
+            mg = meta_grad_fn(torch.zeros_like(ones))
+            w, fell_back = l2rw_weights(mg.grad_w)
+            self._count(info, mg)
+            info["l2rw_uniform"] = float(fell_back)
+            return w, info
+
+        teacher = self.ensure_teacher(features.shape[1], device)
+        feats = features.detach().float()
+        teacher.norm.update(feats)
+        if self.is_meta_step(step):
+            w = normalize(teacher(feats))
+            mg = meta_grad_fn(w.detach())
+            if self._count(info, mg):
+                self.optimizer.zero_grad(set_to_none=True)
+                w.backward(mg.grad_w.to(w.dtype))
+                if self.grad_sync is not None:
+                    self.grad_sync(teacher)
+                self.optimizer.step()
+        with torch.no_grad():
+            w = normalize(teacher(feats))
+        return w, info
+
+    def _count(self, info: Dict[str, float], mg: MetaGrad) -> bool:
+        ok = bool(torch.isfinite(mg.grad_w).all()) and bool(torch.isfinite(mg.meta_loss))
+        info["meta_steps"] = 1.0
+        if ok:
+            self.meta_steps += 1
+            info["meta_loss"] = float(mg.meta_loss)
+        else:
+            self.meta_skipped += 1
+            info["meta_skipped"] = 1.0
+        return ok

@@ -1,0 +1,181 @@
+"""The framework-agnostic core on a small pure-torch student (no fairseq)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from fairseq_reweight.core import (
+    MetaGrad, Reweighter, Teacher, WeightDumper, auc, l2rw_weights, normalize, weight_gradient, weight_stats,
+)
+
+
+def _student(dtype=torch.float64):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+    x, y = torch.randn(12, 5, dtype=dtype), torch.randint(0, 3, (12,))
+    xm, ym = torch.randn(20, 5, dtype=dtype), torch.randint(0, 3, (20,))
+    params = dict(model.named_parameters())
+
+    def train_losses(p):
+        return nn.functional.cross_entropy(functional_call(model, p, (x,)), y, reduction="none")
+
+    def meta_loss(p):
+        return nn.functional.cross_entropy(functional_call(model, p, (xm,)), ym)
+
+    return model, params, train_losses, meta_loss
+
+
+def _meta_at(params, train_losses, meta_loss, w, lr, denom):
+    """L_meta(theta'(w)) evaluated by hand (no weight_gradient code)."""
+    names = list(params)
+    grads = torch.autograd.grad((w * train_losses(params)).sum() / denom, [params[n] for n in names])
+    return meta_loss({n: params[n] - lr * g for n, g in zip(names, grads)}).item()
+
+
+def test_exact_matches_finite_difference_of_meta_loss():
+    _, params, tl, ml = _student()
+    w = torch.rand(12, dtype=torch.float64) + 0.5
+    lr, denom = 0.5, 7.0
+    got = weight_gradient(params, tl, ml, w, lr, denom, mode="exact").grad_w
+    h = 1e-6
+    ref = torch.zeros_like(w)
+    for i in range(len(w)):
+        e = torch.zeros_like(w)
+        e[i] = h
+        ref[i] = (_meta_at(params, tl, ml, w + e, lr, denom) - _meta_at(params, tl, ml, w - e, lr, denom)) / (2 * h)
+    assert ref.abs().max() > 1e-6  # the check is not vacuous
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-9), (got, ref)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-5), (torch.float32, 2e-2)])
+def test_fast_matches_exact(dtype, tol):
+    _, params, tl, ml = _student(dtype)
+    w = normalize(torch.rand(12, dtype=dtype) + 0.1)
+    exact = weight_gradient(params, tl, ml, w, 0.3, 4.0, mode="exact").grad_w
+    fast = weight_gradient(params, tl, ml, w, 0.3, 4.0, mode="fast").grad_w
+    cos = torch.nn.functional.cosine_similarity(exact, fast, dim=0)
+    assert cos > 0.999
+    assert ((fast - exact).norm() / exact.norm()) < tol
+
+
+def test_fast_reuses_precomputed_losses_and_keeps_graph():
+    model, params, tl, ml = _student()
+    w = torch.ones(12, dtype=torch.float64)
+    losses = tl(params)
+    a = weight_gradient(params, tl, ml, w, 0.3, mode="fast", losses=losses).grad_w
+    b = weight_gradient(params, tl, ml, w, 0.3, mode="fast").grad_w
+    assert torch.allclose(a, b)
+    losses.sum().backward()  # the caller's own backward still works
+    assert model[0].weight.grad is not None
+
+
+def test_l2rw_at_zero_weights_is_plain_gradient_alignment():
+    model, params, tl, ml = _student()
+    zeros = torch.zeros(12, dtype=torch.float64)
+    got = weight_gradient(params, tl, ml, zeros, lr=0.1, mode="exact").grad_w
+    names = list(params)
+    gm = torch.autograd.grad(ml(params), [params[n] for n in names])
+    for i in range(12):
+        gi = torch.autograd.grad(tl(params)[i], [params[n] for n in names])
+        ref = -0.1 * sum((a * b).sum() for a, b in zip(gm, gi))
+        assert torch.allclose(got[i], ref, rtol=1e-8)
+    w, fell_back = l2rw_weights(got)
+    assert not fell_back and torch.allclose(w.mean(), torch.tensor(1.0, dtype=w.dtype))
+    assert torch.equal(w == 0, got >= 0)
+
+
+def test_l2rw_all_zero_falls_back_to_uniform():
+    w, fell_back = l2rw_weights(torch.tensor([0.1, 0.2, 0.0]))
+    assert fell_back and torch.equal(w, torch.ones(3))
+    w, fell_back = l2rw_weights(torch.tensor([float("nan"), -1.0]))
+    assert fell_back
+
+
+def test_normalize_mean_one_and_teacher_starts_uniform():
+    r = torch.tensor([0.2, 0.4, 1.4])
+    assert torch.allclose(normalize(r), torch.tensor([0.3, 0.6, 2.1]))
+    t = Teacher(4)
+    x = torch.randn(6, 4)
+    t.norm.update(x)
+    assert torch.allclose(t(x), torch.full((6,), 0.5))
+    with pytest.raises(ValueError, match="features of shape"):
+        t(torch.randn(6, 5))
+
+
+def test_weight_stats_and_auc():
+    s = weight_stats(torch.ones(20))
+    assert s["w_sum"] == 20 and s["w_low10"] == pytest.approx(0.1)
+    s = weight_stats(torch.tensor([0.0, 0.0, 1.0, 3.0] + [2.0] * 6))
+    assert s["w_low10"] == 0.0 and s["w_min"] == 0.0 and s["w_max"] == 3.0
+    assert auc([0.9, 0.8, 0.1, 0.2], [1, 1, 0, 0]) == 1.0
+    assert auc([0.1, 0.2, 0.9, 0.8], [1, 1, 0, 0]) == 0.0
+    assert auc([0.5, 0.5, 0.5, 0.5], [1, 0, 1, 0]) == 0.5
+    assert auc([0.3, 0.1, 0.2, 0.3], [1, 0, 1, 0]) == pytest.approx(0.625)
+
+
+def test_reweighter_teacher_learns_to_downweight_harmful_examples():
+    """Noisy labels on half of a linear problem: the mwnet teacher (loss only) learns to push
+    the weights of corrupted examples below those of clean ones."""
+    torch.manual_seed(1)
+    d, n = 8, 64
+    wtrue = torch.randn(d)
+    x = torch.randn(n, d)
+    y = (x @ wtrue > 0).long()
+    noisy = torch.arange(n) % 2 == 0
+    y_obs = torch.where(noisy, 1 - y, y)
+    xm = torch.randn(200, d)
+    ym = (xm @ wtrue > 0).long()
+    model = nn.Linear(d, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    rw = Reweighter("mwnet", teacher_lr=1e-2)
+    for step in range(300):
+        params = dict(model.named_parameters())
+
+        def tl(p):
+            return nn.functional.cross_entropy(functional_call(model, p, (x,)), y_obs, reduction="none")
+
+        def ml(p):
+            return nn.functional.cross_entropy(functional_call(model, p, (xm,)), ym)
+
+        losses = tl(params)
+        w, info = rw.weights(step, losses.detach()[:, None], lambda w: weight_gradient(params, tl, ml, w, 0.5, n, "fast", losses=losses))
+        assert "meta_loss" in info
+        opt.zero_grad()
+        ((w * losses).sum() / n).backward()
+        opt.step()
+    assert rw.meta_steps == 300
+    assert auc(w.tolist(), (~noisy).long().tolist()) > 0.8
+    # state round trip
+    rw2 = Reweighter("mwnet", teacher_lr=1e-2)
+    rw2.load_state_dict(rw.state_dict())
+    feats = losses.detach()[:, None]
+    rw2.ensure_teacher(1, torch.device("cpu"))
+    assert torch.equal(rw2.teacher(feats), rw.teacher(feats))
+    with pytest.raises(ValueError, match="--reweight-method"):
+        Reweighter("deep").load_state_dict(rw.state_dict())
+
+
+def test_reweighter_skips_non_finite_meta_gradient():
+    rw = Reweighter("deep")
+    feats = torch.randn(4, 3)
+    teacher = rw.ensure_teacher(3, torch.device("cpu"))
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.normal_()
+    before = [p.clone() for p in teacher.parameters()]
+    bad = MetaGrad(torch.tensor([float("nan")] * 4), torch.tensor(1.0))
+    w, info = rw.weights(0, feats, lambda w: bad)
+    assert info.get("meta_skipped") == 1.0 and rw.meta_skipped == 1 and "meta_loss" not in info
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
+    assert torch.isfinite(w).all() and torch.allclose(w.mean(), torch.tensor(1.0))
+
+
+def test_weight_dumper(tmp_path):
+    d = WeightDumper(str(tmp_path / "w.tsv"))
+    d.write(3, torch.tensor([5, 7]), torch.tensor([0.5, 1.5]), torch.tensor([2.0, 1.0]))
+    d.close()
+    lines = (tmp_path / "w.tsv").read_text().splitlines()
+    assert lines == ["update\tid\tweight\tloss", "3\t5\t0.5\t2", "3\t7\t1.5\t1"]
