@@ -40,11 +40,11 @@ class Reweighter:
         teacher_layers: int = 1,
         grad_sync: Optional[Callable[[torch.nn.Module], None]] = None,
     ):
-        if method not in METHODS:
+        if str(method) not in METHODS:
             raise ValueError(f"unknown reweighting method {method!r}; choose one of {', '.join(METHODS)}")
         if meta_interval < 1:
             raise ValueError(f"meta interval must be >= 1, got {meta_interval}")
-        self.method = method
+        self.method = str(method)
         self.meta_interval = meta_interval
         self.teacher_lr = teacher_lr
         self.teacher_hidden = teacher_hidden

@@ -1,0 +1,99 @@
+"""``reweighted_label_smoothed_cross_entropy``: fairseq's label-smoothed cross entropy that can also
+return per-sentence losses and the decoder's internal states for the teacher.
+
+Validation (``forward``) is exactly fairseq's ``label_smoothed_cross_entropy``; the training path
+(:meth:`per_sentence`) is used by the ``reweighted_translation`` task.
+"""
+
+from typing import Dict, List, NamedTuple, Optional
+
+import torch
+from fairseq.criterions import register_criterion
+from fairseq.criterions.label_smoothed_cross_entropy import (
+    LabelSmoothedCrossEntropyCriterion,
+    LabelSmoothedCrossEntropyCriterionConfig,
+    label_smoothed_nll_loss,
+)
+
+
+class SentenceOutput(NamedTuple):
+    loss: torch.Tensor  # [B] summed label-smoothed loss per sentence (with autograd graph)
+    nll: torch.Tensor  # [B] summed token NLL per sentence
+    token_nll: torch.Tensor  # [B, T] token NLL (0 at padding), detached
+    mask: torch.Tensor  # [B, T] non-pad target positions
+    states: List[torch.Tensor]  # per exposed decoder layer: [B, C] mean over non-pad positions, detached
+    net_output: tuple
+
+
+def decoder_layers(features: torch.Tensor, extra) -> List[torch.Tensor]:
+    """Decoder states a model exposes, as ``[B, T, C]`` tensors, from its first layer to the last.
+
+    Transformers expose every layer's output in ``extra["inner_states"]`` (``[T, B, C]``; index 0
+    is the embedding layer, which we skip); other decoders (LSTM, fconv) expose only their final
+    features. The last entry is always the features the output projection sees.
+    """
+    inner = extra.get("inner_states") if isinstance(extra, dict) else None
+    layers = [h.transpose(0, 1) for h in inner[1:-1]] if inner is not None and len(inner) > 1 else []
+    return layers + [features]
+
+
+@register_criterion("reweighted_label_smoothed_cross_entropy", dataclass=LabelSmoothedCrossEntropyCriterionConfig)
+class ReweightedLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
+    def per_sentence(self, model, sample, layers: Optional[List[int]] = None) -> SentenceOutput:
+        """One forward pass giving per-sentence losses and (optionally) pooled decoder states.
+
+        The computation is the one ``model(**net_input)`` does for an encoder-decoder model
+        (encoder, ``decoder.extract_features``, ``decoder.output_layer``), split so the decoder
+        features are available. ``layers``: indices into :func:`decoder_layers` (``None``: no
+        states are pooled).
+        """
+        decoder = getattr(model, "decoder", None)
+        if decoder is None or not hasattr(decoder, "extract_features") or not hasattr(model, "encoder"):
+            raise TypeError(
+                f"reweighted_translation needs an encoder-decoder model whose decoder has extract_features "
+                f"(transformer, lstm, fconv, ...); {type(model).__name__} has none"
+            )
+        net_input = sample["net_input"]
+        encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+        features, extra = decoder.extract_features(net_input["prev_output_tokens"], encoder_out=encoder_out)
+        net_output = (decoder.output_layer(features), extra)
+
+        lprobs, target = self.get_lprobs_and_target(model, net_output, sample)
+        loss, nll = label_smoothed_nll_loss(lprobs, target, self.eps, ignore_index=self.padding_idx, reduce=False)
+        bsz = sample["target"].size(0)
+        loss, nll = loss.view(bsz, -1), nll.view(bsz, -1)
+        mask = target.view(bsz, -1).ne(self.padding_idx)
+
+        states: List[torch.Tensor] = []
+        if layers:
+            available = decoder_layers(features, extra)
+            denom = mask.sum(1, keepdim=True).clamp_min(1).to(features.dtype)
+            if self.ignore_prefix_size > 0:
+                available = [h[:, self.ignore_prefix_size :] for h in available]
+            for i in layers:
+                h = available[i].detach()
+                states.append((h * mask.unsqueeze(-1).to(h.dtype)).sum(1) / denom)
+        return SentenceOutput(loss.sum(1), nll.sum(1), nll.detach(), mask, states, net_output)
+
+    def num_decoder_layers(self, model, sample) -> int:
+        """How many layers :func:`decoder_layers` exposes for ``model`` (one small forward)."""
+        net_input = sample["net_input"]
+        with torch.no_grad():
+            enc = model.encoder(net_input["src_tokens"][:1], src_lengths=net_input["src_lengths"][:1])
+            features, extra = model.decoder.extract_features(net_input["prev_output_tokens"][:1], encoder_out=enc)
+        return len(decoder_layers(features, extra))
+
+    def logging_output(self, model, sample, out: SentenceOutput, weights: torch.Tensor) -> Dict[str, float]:
+        """fairseq's logging dict for a weighted batch: ``loss`` is the weighted objective,
+        ``nll_loss`` stays unweighted so perplexities compare across methods."""
+        log = {
+            "loss": (weights.to(out.loss.dtype) * out.loss).sum().data,
+            "nll_loss": out.nll.sum().data,
+            "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0),
+            "sample_size": sample["target"].size(0) if self.sentence_avg else sample["ntokens"],
+        }
+        if self.report_accuracy:
+            n_correct, total = self.compute_accuracy(model, out.net_output, sample)
+            log["n_correct"], log["total"] = n_correct.item(), total.item()
+        return log

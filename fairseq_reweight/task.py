@@ -1,0 +1,365 @@
+"""``reweighted_translation``: fairseq's translation task with learned data reweighting.
+
+Implements *Learning to Reweight with Deep Interactions* (Fan et al., AAAI 2021,
+arXiv:2007.04649) and, one flag apart, the baselines L2RW (Ren et al., 2018) and MW-Net
+(Shu et al., 2019). The task owns the teacher (saved in the checkpoints' ``task_state``) and
+draws clean meta batches from ``--meta-subset``; all reweighting maths lives in
+:mod:`fairseq_reweight.core`.
+"""
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+from fairseq import utils
+from fairseq.dataclass import ChoiceEnum
+from fairseq.logging import metrics
+from fairseq.optim.amp_optimizer import AMPOptimizer
+from fairseq.tasks import register_task
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
+from omegaconf import II
+from torch import nn
+from torch.func import functional_call
+
+from .core import METHODS, Reweighter, WeightDumper, capture_rng, fixed_rng, weight_gradient, weight_stats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ReweightedTranslationConfig(TranslationConfig):
+    reweight_method: ChoiceEnum(METHODS) = field(
+        default="deep",
+        metadata={"help": "none: uniform weights (plain training); l2rw: Ren et al. 2018; mwnet: Shu et al. "
+                  "2019 (teacher sees the loss); deep: Fan et al. 2021 (teacher sees decoder states)"},
+    )
+    meta_subset: str = field(default="meta", metadata={"help": "clean data-bin split for the meta loss"})
+    meta_interval: int = field(default=1, metadata={"help": "update the teacher every N updates"})
+    meta_grad: ChoiceEnum(["exact", "fast"]) = field(
+        default="fast",
+        metadata={"help": "exact: second-order autograd through the look-ahead; fast: finite difference of "
+                  "per-sentence losses along the meta gradient (no double backward)"},
+    )
+    meta_lr: Optional[float] = field(
+        default=None, metadata={"help": "step size of the look-ahead (default: the current learning rate)"}
+    )
+    meta_max_tokens: Optional[int] = field(default=None, metadata={"help": "meta batch tokens (default --max-tokens)"})
+    meta_batch_size: Optional[int] = field(
+        default=None, metadata={"help": "meta batch sentences (default --batch-size)"}
+    )
+    meta_fd_eps: float = field(
+        default=1e-3, metadata={"help": "fast only: finite-difference step relative to the parameter norm"}
+    )
+    teacher_lr: Optional[float] = field(default=None, metadata={"help": "teacher Adam lr (mwnet/deep; default 1e-3)"})
+    teacher_hidden: int = field(default=100, metadata={"help": "teacher MLP hidden size"})
+    teacher_states: str = field(
+        default="last",
+        metadata={"help": "decoder layers the deep teacher sees: last, all, or 1-based indices like 1,3"},
+    )
+    teacher_progress_horizon: int = field(
+        default=0, metadata={"help": "updates that count as progress 1.0 (default --max-update, else 10000)"}
+    )
+    reset_teacher: bool = field(default=False, metadata={"help": "ignore the teacher state in the checkpoint"})
+    dump_weights: Optional[str] = field(
+        default=None, metadata={"help": "append per-sentence 'update id weight loss' rows to this TSV file"}
+    )
+    seed: int = II("common.seed")
+    max_tokens: Optional[int] = II("dataset.max_tokens")
+    batch_size: Optional[int] = II("dataset.batch_size")
+    max_update: int = II("optimization.max_update")
+
+
+class _Student(nn.Module):
+    """Per-sentence losses of a batch as a module, so ``torch.func.functional_call`` can swap parameters."""
+
+    def __init__(self, model, criterion):
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "criterion", criterion)  # not a submodule
+
+    def forward(self, sample, meta: bool = False):
+        out = self.criterion.per_sentence(self.model, sample)
+        return out.nll.sum() / out.mask.sum() if meta else out.loss
+
+
+def _unwrap(model):
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+@register_task("reweighted_translation", dataclass=ReweightedTranslationConfig)
+class ReweightedTranslationTask(TranslationTask):
+    """Translation with per-sentence weights from a teacher trained on a clean meta set."""
+
+    cfg: ReweightedTranslationConfig
+
+    def __init__(self, cfg: ReweightedTranslationConfig, src_dict, tgt_dict):
+        super().__init__(cfg, src_dict, tgt_dict)
+        self._check_flags(cfg)
+        self.reweighter = Reweighter(
+            cfg.reweight_method,
+            meta_interval=cfg.meta_interval,
+            teacher_lr=cfg.teacher_lr if cfg.teacher_lr is not None else 1e-3,
+            teacher_hidden=cfg.teacher_hidden,
+            grad_sync=_all_reduce_grads,
+        )
+        self._layers: Optional[List[int]] = None
+        self._meta_epoch_itr = None
+        self._meta_itr = None
+        self._meta_itr_state = None
+        self._dumper: Optional[WeightDumper] = None
+        self._restored = False
+
+    @staticmethod
+    def _check_flags(cfg):
+        m = cfg.reweight_method
+        if m in ("none", "l2rw") and cfg.teacher_lr is not None:
+            raise ValueError(f"--teacher-lr has no effect with --reweight-method {m} (no teacher): drop it, "
+                             "or use --reweight-method mwnet/deep")
+        if m == "l2rw" and cfg.meta_interval != 1:
+            raise ValueError("l2rw computes weights from the meta-gradient at every update: drop --meta-interval")
+        if cfg.meta_interval < 1:
+            raise ValueError(f"--meta-interval must be >= 1, got {cfg.meta_interval}")
+        if m != "deep" and cfg.teacher_states != "last":
+            raise ValueError(f"--teacher-states only applies to --reweight-method deep, not {m}")
+        if cfg.meta_fd_eps <= 0:
+            raise ValueError(f"--meta-fd-eps must be > 0, got {cfg.meta_fd_eps}")
+
+    # ------------------------------------------------------------------ meta data
+    def begin_epoch(self, epoch, model):
+        super().begin_epoch(epoch, model)
+        if self.reweighter.uses_meta:
+            self._meta_dataset()  # fail at the start of training, not at the first update
+
+    def _meta_dataset(self):
+        split = self.cfg.meta_subset
+        if split not in self.datasets:
+            try:
+                self.load_dataset(split)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(
+                    f"--reweight-method {self.cfg.reweight_method} needs a clean meta split '{split}' in "
+                    f"{self.cfg.data} ({e}). Binarize one with the training dictionaries, e.g. "
+                    f"`fairseq-preprocess --source-lang {self.cfg.source_lang} --target-lang {self.cfg.target_lang} "
+                    f"--srcdict DATA/dict.{self.cfg.source_lang}.txt --tgtdict DATA/dict.{self.cfg.target_lang}.txt "
+                    f"--testpref META_PREFIX --destdir TMP` and rename TMP/test.* to DATA/{split}.*, "
+                    "(scripts/prepare_multi30k.sh does this), or point --meta-subset at an existing split"
+                ) from None
+        ds = self.datasets[split]
+        if len(ds) == 0:
+            raise ValueError(f"meta split '{split}' in {self.cfg.data} is empty: it needs clean sentence pairs")
+        return ds
+
+    def _next_meta_batch(self, model, device):
+        if self._meta_epoch_itr is None:
+            rank, world = _rank_world()
+            self._meta_epoch_itr = self.get_batch_iterator(
+                dataset=self._meta_dataset(),
+                max_tokens=self.cfg.meta_max_tokens or self.cfg.max_tokens,
+                max_sentences=self.cfg.meta_batch_size or self.cfg.batch_size,
+                max_positions=utils.resolve_max_positions(self.max_positions(), model.max_positions()),
+                ignore_invalid_inputs=True,
+                seed=self.cfg.seed,
+                num_shards=world,
+                shard_id=rank,
+                disable_iterator_cache=True,
+            )
+            if self._meta_itr_state is not None:
+                self._meta_epoch_itr.load_state_dict(self._meta_itr_state)
+            self._meta_itr = self._meta_epoch_itr.next_epoch_itr(shuffle=True)
+        if not self._meta_itr.has_next():
+            self._meta_itr = self._meta_epoch_itr.next_epoch_itr(shuffle=True)
+        sample = next(self._meta_itr)
+        return utils.move_to_cuda(sample, device=device) if device.type == "cuda" else sample
+
+    # ------------------------------------------------------------------ teacher inputs
+    def _resolve_layers(self, criterion, model, sample) -> List[int]:
+        if self._layers is None:
+            n = criterion.num_decoder_layers(model, sample)
+            spec = self.cfg.teacher_states.strip()
+            if spec == "last":
+                self._layers = [n - 1]
+            elif spec == "all":
+                self._layers = list(range(n))
+            else:
+                try:
+                    idx = [int(t) for t in spec.split(",")]
+                except ValueError:
+                    raise ValueError(f"--teacher-states {spec!r}: use last, all, or 1-based layer indices like 1,3")
+                bad = [i for i in idx if not 1 <= i <= n]
+                if bad:
+                    raise ValueError(f"--teacher-states {spec!r}: this decoder exposes layers 1..{n}, not {bad}")
+                self._layers = [i - 1 for i in idx]
+            logger.info(f"deep teacher sees decoder layers {[i + 1 for i in self._layers]} of {n}")
+        return self._layers
+
+    def _progress(self, update_num: int) -> float:
+        horizon = self.cfg.teacher_progress_horizon or self.cfg.max_update or 10000
+        return min(update_num / horizon, 1.0)
+
+    def teacher_features(self, out, update_num: int) -> Optional[torch.Tensor]:
+        """mwnet: the sentence loss; deep: pooled decoder states + token-NLL statistics + progress."""
+        if self.cfg.reweight_method == "mwnet":
+            return out.loss.detach().float().unsqueeze(1)
+        if self.cfg.reweight_method != "deep":
+            return None
+        nll, mask = out.token_nll.float(), out.mask
+        length = mask.sum(1).clamp_min(1).float()
+        mean = nll.sum(1) / length
+        mx = nll.masked_fill(~mask, float("-inf")).max(1).values.clamp_min(0)
+        std = (((nll - mean[:, None]) ** 2 * mask).sum(1) / length).sqrt()
+        progress = torch.full_like(mean, self._progress(update_num))
+        stats = torch.stack([mean, mx, std, length.log(), progress], 1)
+        return torch.cat([s.float() for s in out.states] + [stats], 1)
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        if not hasattr(criterion, "per_sentence"):
+            raise TypeError("--task reweighted_translation needs --criterion reweighted_label_smoothed_cross_entropy")
+        model.train()
+        model.set_num_updates(update_num)
+        inner = _unwrap(model)
+        device = sample["target"].device
+        rw = self.reweighter
+        layers = self._resolve_layers(criterion, inner, sample) if self.cfg.reweight_method == "deep" else None
+        rng = capture_rng(device)
+        with torch.autograd.profiler.record_function("forward"):
+            with torch.autocast(device.type, enabled=isinstance(optimizer, AMPOptimizer)):
+                out = criterion.per_sentence(model, sample, layers)
+
+        meta_fn = None
+        if rw.uses_meta and not ignore_grad and rw.is_meta_step(update_num):
+            meta_fn = self._meta_grad_fn(inner, criterion, sample, out, optimizer, rng, device)
+        with torch.autograd.profiler.record_function("reweight"):
+            if rw.uses_meta and ignore_grad:  # dummy batch: no meta step, any weights do (loss is zeroed)
+                weights = torch.ones_like(out.loss, dtype=torch.float32)
+                info = {}
+            else:
+                weights, info = rw.weights(update_num, self.teacher_features(out, update_num), meta_fn,
+                                           batch_size=out.loss.shape[0], device=device)
+        if rw.has_teacher and not self._restored:
+            self._restored = True
+            logger.info("teacher initialised fresh (no teacher state restored from a checkpoint)")
+
+        loss = (weights.to(out.loss.dtype) * out.loss).sum()
+        if ignore_grad:
+            loss *= 0
+        with torch.autograd.profiler.record_function("backward"):
+            optimizer.backward(loss)
+
+        logging_output = criterion.logging_output(model, sample, out, weights)
+        if not ignore_grad:
+            logging_output.update(weight_stats(weights))
+            logging_output.update(info)
+            self._dump(update_num, sample, weights, out.loss)
+        return loss, logging_output["sample_size"], logging_output
+
+    def _meta_grad_fn(self, inner, criterion, sample, out, optimizer, rng, device):
+        student = _Student(inner, criterion)
+        params = {n: p for n, p in inner.named_parameters() if p.requires_grad}
+        meta_sample = self._next_meta_batch(inner, device)
+        meta_rng = capture_rng(device)
+        lr = self.cfg.meta_lr if self.cfg.meta_lr is not None else optimizer.get_lr()
+        denom = float(sample["target"].size(0) if criterion.sentence_avg else sample["ntokens"])
+
+        def prefixed(p):
+            return {"model." + n: t for n, t in p.items()}
+
+        def train_losses(p):
+            with fixed_rng(rng, device):
+                return functional_call(student, prefixed(p), (sample,))
+
+        def meta_loss(p):
+            with fixed_rng(meta_rng, device):
+                return functional_call(student, prefixed(p), (meta_sample, True))
+
+        def fn(w):
+            with torch.autograd.profiler.record_function("meta_gradient"):
+                return weight_gradient(params, train_losses, meta_loss, w, lr, denom, mode=self.cfg.meta_grad,
+                                       fd_eps=self.cfg.meta_fd_eps, losses=out.loss)
+
+        return fn
+
+    def _dump(self, update_num, sample, weights, losses):
+        if not self.cfg.dump_weights:
+            return
+        if self._dumper is None:
+            self._dumper = WeightDumper(self.cfg.dump_weights, rank=_rank_world()[0])
+        self._dumper.write(update_num, sample["id"], weights, losses)
+        self._dumper.flush()
+
+    # ------------------------------------------------------------------ metrics
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+
+        def total(key):
+            return sum(float(log.get(key, 0)) for log in logging_outputs)
+
+        n, nb = total("w_count"), total("w_batches")
+        if n > 0:
+            mean = total("w_sum") / n
+            metrics.log_scalar("w_mean", mean, n, round=3)
+            metrics.log_scalar("w_std", math.sqrt(max(total("w_sq") / n - mean * mean, 0.0)), n, round=3)
+            metrics.log_scalar("w_min", total("w_min") / nb, nb, round=3)
+            metrics.log_scalar("w_max", total("w_max") / nb, nb, round=3)
+            metrics.log_scalar("w_low10", total("w_low10") / nb, nb, round=4)
+        steps = total("meta_steps")
+        if steps > 0:
+            ok = steps - total("meta_skipped")
+            if ok > 0:
+                metrics.log_scalar("meta_loss", total("meta_loss") / ok / math.log(2), ok, round=4)  # base 2, like nll_loss
+            metrics.log_scalar_sum("meta_skipped", total("meta_skipped"))
+            if total("l2rw_uniform") > 0:
+                metrics.log_scalar_sum("l2rw_uniform", total("l2rw_uniform"))
+                logger.warning("l2rw: every sentence had a non-negative meta-gradient; used uniform weights")
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self):
+        state = {"reweighter": self.reweighter.state_dict()}
+        if self._meta_epoch_itr is not None:
+            state["meta_iterator"] = self._meta_epoch_itr.state_dict()
+        elif self._meta_itr_state is not None:
+            state["meta_iterator"] = self._meta_itr_state
+        return state
+
+    def load_state_dict(self, state_dict):
+        if not state_dict:
+            return
+        if self.cfg.reset_teacher:
+            logger.info("--reset-teacher: ignoring the teacher state in the checkpoint")
+            return
+        self.reweighter.load_state_dict(state_dict.get("reweighter", {}))
+        self._meta_itr_state = state_dict.get("meta_iterator")
+        self._meta_epoch_itr = self._meta_itr = None
+        if state_dict.get("reweighter"):
+            self._restored = True
+            r = self.reweighter
+            logger.info(f"restored the {r.method} teacher from the checkpoint ({r.meta_steps} meta updates so far)")
+
+    # fairseq's trainer does not read task_state back on resume; it does hand get_checkpoint_dict()
+    # (saved in extra_state) to set_checkpoint_dict(). The teacher is small, so it is stored in both.
+    def get_checkpoint_dict(self):
+        return {type(self).__name__: self.state_dict()}
+
+    def set_checkpoint_dict(self, state):
+        self.load_state_dict(state)
+
+
+def _rank_world():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_grads(module: nn.Module) -> None:
+    """Average the teacher's gradients over data-parallel workers so every rank keeps the same teacher."""
+    rank, world = _rank_world()
+    if world == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad.div_(world)
