@@ -30,6 +30,7 @@ import contextlib
 from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Params = Dict[str, torch.Tensor]
 
@@ -83,18 +84,21 @@ def weight_gradient(
         denom: normaliser of the weighted training loss.
         mode: ``"exact"`` or ``"fast"`` (see module docstring).
         fd_eps: ``fast`` only: the finite-difference step, relative: ``||h v|| = fd_eps ||theta||``.
-        losses: optionally ``train_losses(params)`` already computed with its autograd graph (saves
-            one forward; the graph is retained for the caller's own backward).
+        losses: optionally ``train_losses(params)`` already computed with its autograd graph (``fast``
+            reuses it to save one forward and retains the graph for the caller's own backward).
     """
     names = list(params)
     theta = [params[n] for n in names]
     if mode == "exact":
-        w = weights.detach().clone().requires_grad_(True)
-        ell = losses if losses is not None else train_losses(params)
-        grads = torch.autograd.grad((w * ell).sum() / denom, theta, create_graph=True, allow_unused=True)
-        ahead = {n: p if g is None else p - lr * g for n, p, g in zip(names, theta, grads)}
-        lm = meta_loss(ahead)
-        (gw,) = torch.autograd.grad(lm, w, retain_graph=losses is not None)
+        # fused attention kernels have no double backward: the reference path uses the math kernel,
+        # so it recomputes the training losses rather than reusing ``losses``
+        with sdpa_kernel([SDPBackend.MATH]):
+            w = weights.detach().clone().requires_grad_(True)
+            ell = train_losses(params)
+            grads = torch.autograd.grad((w * ell).sum() / denom, theta, create_graph=True, allow_unused=True)
+            ahead = {n: p if g is None else p - lr * g for n, p, g in zip(names, theta, grads)}
+            lm = meta_loss(ahead)
+            (gw,) = torch.autograd.grad(lm, w)
         return MetaGrad(gw.detach(), lm.detach())
     if mode != "fast":
         raise ValueError(f"unknown meta-gradient mode {mode!r}: use 'exact' or 'fast'")
