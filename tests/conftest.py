@@ -1,4 +1,6 @@
-"""Tiny generated parallel corpora and helpers to run fairseq's real command-line tools."""
+"""Tiny generated parallel corpora and helpers to run fairseq's real command-line tools.
+
+`run` merges stderr into stdout (fairseq logs to stdout, tracebacks go to stderr)."""
 
 import os
 import random
@@ -44,9 +46,10 @@ def make_corpus(raw: Path, n_train=300, n_meta=60, n_valid=40, corrupt=0.0, seed
 
 def run(cmd, cwd=None, env=None, check=True):
     full_env = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
-    p = subprocess.run([str(c) for c in cmd], cwd=cwd, env=full_env, capture_output=True, text=True)
+    p = subprocess.run([str(c) for c in cmd], cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
     if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{p.stdout[-6000:]}")
     return p
 
 

@@ -1,0 +1,108 @@
+"""Glue between an image classifier and the reweighting core -- the image twin of
+:meth:`fairseq_reweight.task.ReweightedTranslationTask.train_step` / ``_meta_grad_fn``.
+
+Teacher inputs per method (flags and semantics as on the NMT side):
+
+* ``mwnet`` (Shu et al. 2019): the example's loss;
+* ``deep`` (Fan et al. 2021): the pooled internal states chosen by ``--teacher-states`` (``last`` =
+  the penultimate features, ``all``, or 1-based stage indices like ``1,3``), the observed label
+  (one-hot, which the teacher's first linear layer turns into a learned label embedding), the
+  loss and the training progress in [0, 1];
+* ``l2rw`` (Ren et al. 2018) and ``none``: no teacher.
+
+The meta-gradient replays the student with ``torch.func.functional_call``. Replays run in train
+mode (batch statistics, like the real forward), but on *copies* of the BatchNorm buffers, so
+the look-ahead and finite-difference passes never move the running statistics.
+"""
+
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ..core import MetaGrad, capture_rng, fixed_rng, weight_gradient
+
+
+class StudentOutput(NamedTuple):
+    logits: torch.Tensor  # [B, K], with graph
+    losses: torch.Tensor  # [B] per-example cross entropy on the observed labels, with graph
+    states: List[torch.Tensor]  # pooled stage outputs [B, C_s], detached (empty unless asked for)
+
+
+def parse_teacher_states(spec: str, num_states: int) -> List[int]:
+    """``last``, ``all`` or 1-based indices like ``1,3`` -> 0-based state indices."""
+    spec = spec.strip()
+    if spec == "last":
+        return [num_states - 1]
+    if spec == "all":
+        return list(range(num_states))
+    try:
+        idx = [int(t) for t in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--teacher-states {spec!r}: use last, all, or 1-based stage indices like 1,3") from None
+    bad = [i for i in idx if not 1 <= i <= num_states]
+    if bad:
+        raise ValueError(f"--teacher-states {spec!r}: the student exposes states 1..{num_states}, not {bad}")
+    return [i - 1 for i in idx]
+
+
+def forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, states: bool) -> StudentOutput:
+    if states:
+        logits, pooled = model(x, states=True)
+        pooled = [s.detach() for s in pooled]
+    else:
+        logits, pooled = model(x), []
+    return StudentOutput(logits, F.cross_entropy(logits, y, reduction="none"), pooled)
+
+
+def teacher_features(method: str, out: StudentOutput, labels: torch.Tensor, num_classes: int,
+                     layers: List[int], progress: float) -> Optional[torch.Tensor]:
+    """The teacher's ``[B, D]`` input for ``method`` (None for methods without a teacher)."""
+    loss = out.losses.detach().float().unsqueeze(1)
+    if method == "mwnet":
+        return loss
+    if method != "deep":
+        return None
+    label = F.one_hot(labels, num_classes).float()
+    prog = torch.full_like(loss, progress)
+    return torch.cat([out.states[i].float() for i in layers] + [label, loss, prog], 1)
+
+
+def replay_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Copies of the buffers (BatchNorm running statistics) for one functional replay to scribble on."""
+    return {n: b.clone() for n, b in model.named_buffers()}
+
+
+def meta_grad_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, losses: torch.Tensor,
+                 meta_x: torch.Tensor, meta_y: torch.Tensor, lr: float, mode: str = "fast",
+                 fd_eps: float = 1e-3, rng=None) -> Callable[[torch.Tensor], MetaGrad]:
+    """``w -> dL_meta(theta'(w))/dw`` for one training batch (see :func:`weight_gradient`).
+
+    ``losses``: the real forward's per-example losses (with graph); ``rng``: the RNG state
+    captured just before that forward, so replays see the same random state. The normaliser
+    is the batch size (the student minimises ``sum_i w_i l_i / B``).
+    """
+    device = x.device
+    rng = rng if rng is not None else capture_rng(device)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def call(p, inputs):
+        return functional_call(model, {**replay_buffers(model), **p}, (inputs,))
+
+    def train_losses(p):
+        with fixed_rng(rng, device):
+            return F.cross_entropy(call(p, x), y, reduction="none")
+
+    meta_rng = capture_rng(device)
+
+    def meta_loss(p):
+        with fixed_rng(meta_rng, device):
+            return F.cross_entropy(call(p, meta_x), meta_y)
+
+    def fn(w: torch.Tensor) -> MetaGrad:
+        return weight_gradient(params, train_losses, meta_loss, w, lr, float(len(y)), mode=mode, fd_eps=fd_eps,
+                               losses=losses)
+
+    return fn

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# fairseq-train with the reweighted_translation plugin, for one method and one preset.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+usage() {
+    cat <<EOF
+Usage: scripts/train_translation.sh METHOD DATA-BIN SAVE-DIR [options] [extra fairseq-train args...]
+
+Trains a transformer with --task reweighted_translation and --reweight-method METHOD.
+
+  METHOD     none | l2rw | mwnet | deep
+  DATA-BIN   a data-bin with train/valid and (except for none) a clean meta split, e.g. from
+             scripts/prepare_multi30k.sh
+  SAVE-DIR   checkpoints, train.log (the full log), weights.tsv (--dump-weights), train_cmd.txt
+
+Options:
+  --preset P        tiny-cpu (default): 3+3-layer, 256-dim transformer on CPU, 2048-token batches,
+                    1500 updates (about 15-20 min for 'none' on 2 cores);
+                    iwslt: the paper-scale transformer_iwslt_de_en (GPU), 4096-token batches,
+                    lr 5e-4, 4000 warm-up updates, 50000 updates
+  --seed N          random seed (default 1)
+  --max-update N    override the preset's number of updates
+  --teacher-lr LR   teacher learning rate for mwnet/deep (default 1e-3)
+  --dry-run         print the fairseq-train command and exit
+  -h, --help        this help
+Any other argument is passed on to fairseq-train after the preset's arguments (so it overrides
+them, e.g. --max-tokens 1024 or --lr 5e-4).
+
+Re-running with the same SAVE-DIR resumes from SAVE-DIR/checkpoint_last.pt (fairseq's default);
+rows of weights.tsv for updates after that checkpoint are then written twice (analyze_weights.py
+keeps the last).
+EOF
+}
+
+die() { echo "error: $*" >&2; exit 2; }
+
+for a in "$@"; do [[ "$a" == -h || "$a" == --help ]] && { usage; exit 0; }; done
+[[ $# -ge 3 ]] || { usage >&2; die "expected METHOD DATA-BIN SAVE-DIR"; }
+METHOD="$1" DATA="$2" SAVE="$3"
+shift 3
+PRESET=tiny-cpu SEED=1 MAX_UPDATE="" TEACHER_LR=1e-3 DRY=0
+EXTRA=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --preset) PRESET="${2:?--preset needs a value}"; shift 2 ;;
+        --seed) SEED="${2:?--seed needs a value}"; shift 2 ;;
+        --max-update) MAX_UPDATE="${2:?--max-update needs a value}"; shift 2 ;;
+        --teacher-lr) TEACHER_LR="${2:?--teacher-lr needs a value}"; shift 2 ;;
+        --dry-run) DRY=1; shift ;;
+        --) shift; EXTRA+=("$@"); break ;;
+        *) EXTRA+=("$1"); shift ;;
+    esac
+done
+
+case "$METHOD" in none|l2rw|mwnet|deep) ;; *) die "METHOD must be none, l2rw, mwnet or deep, got '$METHOD'" ;; esac
+[[ -d "$DATA" ]] || die "data-bin '$DATA' not found (run scripts/prepare_multi30k.sh first)"
+ls "$DATA"/train.*.idx >/dev/null 2>&1 || die "'$DATA' has no binarized train split (train.*.idx)"
+ls "$DATA"/valid.*.idx >/dev/null 2>&1 || die "'$DATA' has no binarized valid split (valid.*.idx)"
+if [[ "$METHOD" != none ]]; then
+    ls "$DATA"/meta.*.idx >/dev/null 2>&1 \
+        || die "'$DATA' has no clean meta split (meta.*.idx), which --reweight-method $METHOD needs: prepare the data with scripts/prepare_multi30k.sh"
+fi
+
+case "$PRESET" in
+    tiny-cpu)
+        PRESET_ARGS=(--arch transformer --encoder-layers 3 --decoder-layers 3
+            --encoder-embed-dim 256 --decoder-embed-dim 256 --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512
+            --encoder-attention-heads 4 --decoder-attention-heads 4 --share-all-embeddings
+            --dropout 0.3 --attention-dropout 0.1 --weight-decay 0.0001
+            --optimizer adam --adam-betas "(0.9, 0.98)" --clip-norm 1.0
+            --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 300 --warmup-init-lr 1e-07
+            --max-tokens 2048 --max-update 1500 --cpu --num-workers 0
+            --log-interval 25)
+        ;;
+    iwslt)
+        PRESET_ARGS=(--arch transformer_iwslt_de_en --share-decoder-input-output-embed
+            --dropout 0.3 --weight-decay 0.0001
+            --optimizer adam --adam-betas "(0.9, 0.98)" --clip-norm 0.0
+            --lr 5e-4 --lr-scheduler inverse_sqrt --warmup-updates 4000 --warmup-init-lr 1e-07
+            --max-tokens 4096 --max-update 50000 --num-workers 2
+            --log-interval 100)
+        ;;
+    *) die "unknown --preset '$PRESET' (tiny-cpu | iwslt)" ;;
+esac
+if [[ "$PRESET" == tiny-cpu ]]; then
+    # --share-all-embeddings needs one joined dictionary (scripts/prepare_*.sh write one)
+    dicts=("$DATA"/dict.*.txt)
+    if [[ ${#dicts[@]} -ne 2 ]] || ! cmp -s "${dicts[0]}" "${dicts[1]}"; then
+        echo "[train] $DATA has separate source/target dictionaries: sharing only the decoder embeddings" >&2
+        PRESET_ARGS=("${PRESET_ARGS[@]/--share-all-embeddings/--share-decoder-input-output-embed}")
+    fi
+fi
+
+METHOD_ARGS=(--reweight-method "$METHOD")
+if [[ "$METHOD" != none ]]; then
+    METHOD_ARGS+=(--meta-subset meta --meta-interval 1 --meta-grad fast)
+fi
+if [[ "$METHOD" == mwnet || "$METHOD" == deep ]]; then
+    METHOD_ARGS+=(--teacher-lr "$TEACHER_LR")
+fi
+[[ -n "$MAX_UPDATE" ]] && PRESET_ARGS+=(--max-update "$MAX_UPDATE")
+
+CMD=(fairseq-train "$DATA" --user-dir "$ROOT/fairseq_reweight" --task reweighted_translation
+    --criterion reweighted_label_smoothed_cross_entropy --label-smoothing 0.1
+    "${METHOD_ARGS[@]}" "${PRESET_ARGS[@]}"
+    --seed "$SEED" --save-dir "$SAVE" --no-epoch-checkpoints --dump-weights "$SAVE/weights.tsv"
+    --log-format simple --skip-invalid-size-inputs-valid-test
+    "${EXTRA[@]}")
+
+if [[ "$DRY" == 1 ]]; then
+    printf '%q ' "${CMD[@]}"; echo
+    exit 0
+fi
+command -v fairseq-train >/dev/null || die "fairseq-train not found: activate the environment with fairseq"
+mkdir -p "$SAVE"
+printf '%q ' "${CMD[@]}" > "$SAVE/train_cmd.txt"; echo >> "$SAVE/train_cmd.txt"
+echo "[train] $METHOD, preset $PRESET, seed $SEED -> $SAVE (log: $SAVE/train.log)" >&2
+start=$(date +%s.%N)
+"${CMD[@]}" 2>&1 | tee -a "$SAVE/train.log"
+end=$(date +%s.%N)
+python - "$SAVE" "$start" "$end" <<'EOF'
+import json, sys
+save, start, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+with open(f"{save}/train_time.json", "w") as f:
+    json.dump({"wall_seconds": round(end - start, 2)}, f)
+    f.write("\n")
+EOF
+echo "[train] done in $(python -c "print(round($end-$start))")s: $SAVE/checkpoint_last.pt" >&2
