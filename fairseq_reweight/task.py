@@ -37,6 +37,9 @@ class ReweightedTranslationConfig(TranslationConfig):
     )
     meta_subset: str = field(default="meta", metadata={"help": "clean data-bin split for the meta loss"})
     meta_interval: int = field(default=1, metadata={"help": "update the teacher every N updates"})
+    reweight_warmup: int = field(
+        default=0, metadata={"help": "train with uniform weights (no teacher/meta updates) for the first N updates"}
+    )
     meta_grad: ChoiceEnum(["exact", "fast"]) = field(
         default="fast",
         metadata={"help": "exact: second-order autograd through the look-ahead; fast: finite difference of "
@@ -102,8 +105,10 @@ class ReweightedTranslationTask(TranslationTask):
         self.reweighter = Reweighter(
             cfg.reweight_method,
             meta_interval=cfg.meta_interval,
+            warmup=cfg.reweight_warmup,
             teacher_lr=cfg.teacher_lr if cfg.teacher_lr is not None else 1e-3,
             teacher_hidden=cfg.teacher_hidden,
+            passthrough=1 if cfg.reweight_method == "deep" else 0,  # training progress, already in [0, 1]
             grad_sync=_all_reduce_grads,
         )
         self._layers: Optional[List[int]] = None

@@ -104,7 +104,7 @@ def build(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     text.mkdir(exist_ok=True)
 
-    options = {k: getattr(args, k) for k in ("src", "tgt", "vocab", "meta_size", "seed", "noise", "noise_rate",
+    options = {k: getattr(args, k) for k in ("src", "tgt", "vocab", "meta_size", "seed", "noise", "noise_rate", "bleu_tokenize",
                                              "noise_on", "token_rate", "token_side", "spm_model_type",
                                              "character_coverage")}
     options["spm_model"] = str(Path(args.spm_model).resolve()) if args.spm_model else None

@@ -23,6 +23,7 @@ Options:
   --seed N          random seed (default 1)
   --max-update N    override the preset's number of updates
   --teacher-lr LR   teacher learning rate for mwnet/deep (default 1e-3)
+  --gpu             train on the GPU (drops the tiny-cpu preset's --cpu)
   --dry-run         print the fairseq-train command and exit
   -h, --help        this help
 Any other argument is passed on to fairseq-train after the preset's arguments (so it overrides
@@ -40,7 +41,7 @@ for a in "$@"; do [[ "$a" == -h || "$a" == --help ]] && { usage; exit 0; }; done
 [[ $# -ge 3 ]] || { usage >&2; die "expected METHOD DATA-BIN SAVE-DIR"; }
 METHOD="$1" DATA="$2" SAVE="$3"
 shift 3
-PRESET=tiny-cpu SEED=1 MAX_UPDATE="" TEACHER_LR=1e-3 DRY=0
+PRESET=tiny-cpu SEED=1 MAX_UPDATE="" TEACHER_LR=1e-3 DRY=0 GPU=""
 EXTRA=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -49,6 +50,7 @@ while [[ $# -gt 0 ]]; do
         --max-update) MAX_UPDATE="${2:?--max-update needs a value}"; shift 2 ;;
         --teacher-lr) TEACHER_LR="${2:?--teacher-lr needs a value}"; shift 2 ;;
         --dry-run) DRY=1; shift ;;
+        --gpu) GPU=1; shift ;;
         --) shift; EXTRA+=("$@"); break ;;
         *) EXTRA+=("$1"); shift ;;
     esac
@@ -66,12 +68,12 @@ fi
 case "$PRESET" in
     tiny-cpu)
         PRESET_ARGS=(--arch transformer --encoder-layers 3 --decoder-layers 3
-            --encoder-embed-dim 256 --decoder-embed-dim 256 --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512
+            --encoder-embed-dim 128 --decoder-embed-dim 128 --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512
             --encoder-attention-heads 4 --decoder-attention-heads 4 --share-all-embeddings
-            --dropout 0.3 --attention-dropout 0.1 --weight-decay 0.0001
+            --dropout 0.2 --attention-dropout 0.1 --weight-decay 0.0001
             --optimizer adam --adam-betas "(0.9, 0.98)" --clip-norm 1.0
             --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 300 --warmup-init-lr 1e-07
-            --max-tokens 2048 --max-update 1500 --cpu --num-workers 0
+            --max-tokens 1024 --max-update 1200 --cpu --num-workers 0
             --log-interval 25)
         ;;
     iwslt)
@@ -101,6 +103,11 @@ if [[ "$METHOD" == mwnet || "$METHOD" == deep ]]; then
     METHOD_ARGS+=(--teacher-lr "$TEACHER_LR")
 fi
 [[ -n "$MAX_UPDATE" ]] && PRESET_ARGS+=(--max-update "$MAX_UPDATE")
+if [[ -n "$GPU" ]]; then
+    ARGS=()
+    for a in "${PRESET_ARGS[@]}"; do [[ "$a" == --cpu ]] || ARGS+=("$a"); done
+    PRESET_ARGS=("${ARGS[@]}")
+fi
 
 CMD=(fairseq-train "$DATA" --user-dir "$ROOT/fairseq_reweight" --task reweighted_translation
     --criterion reweighted_label_smoothed_cross_entropy --label-smoothing 0.1

@@ -13,6 +13,10 @@ Methods:
   ``mwnet``  Shu et al. 2019: teacher MLP on the example loss only;
   ``deep``   Fan et al. 2021: teacher MLP on the student's internal states + loss statistics +
              training progress (the features are built by the glue; this class does not care).
+Before step ``warmup`` every method trains with uniform weights and the teacher is not updated: early
+in training nearly every example's gradient agrees with the meta gradient, and the look-ahead then
+favours high-loss (often corrupted) examples; a short plain warm-up lets the student first learn
+what the clean majority agrees on.
 Teacher update (mwnet/deep, every ``meta_interval`` steps): ``w = normalize(teacher(x))``, the
 meta-gradient ``dL_meta/dw`` at that ``w`` is back-propagated through the normalisation and the
 teacher, then one Adam step; the weights returned are recomputed with the updated teacher.
@@ -35,9 +39,11 @@ class Reweighter:
         self,
         method: str,
         meta_interval: int = 1,
+        warmup: int = 0,
         teacher_lr: float = 1e-3,
         teacher_hidden: int = 100,
         teacher_layers: int = 1,
+        passthrough: int = 0,
         grad_sync: Optional[Callable[[torch.nn.Module], None]] = None,
     ):
         if str(method) not in METHODS:
@@ -46,9 +52,11 @@ class Reweighter:
             raise ValueError(f"meta interval must be >= 1, got {meta_interval}")
         self.method = str(method)
         self.meta_interval = meta_interval
+        self.warmup = warmup  # steps of plain (uniform) training before any reweighting or teacher update
         self.teacher_lr = teacher_lr
         self.teacher_hidden = teacher_hidden
         self.teacher_layers = teacher_layers
+        self.passthrough = passthrough  # last feature columns the teacher does not standardise
         self.grad_sync = grad_sync  # e.g. all-reduce of the teacher's grads under DDP
         self.teacher: Optional[Teacher] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
@@ -65,13 +73,15 @@ class Reweighter:
         return self.method != "none"
 
     def is_meta_step(self, step: int) -> bool:
+        if step < self.warmup:
+            return False
         return self.method == "l2rw" or (self.has_teacher and step % self.meta_interval == 0)
 
     # ------------------------------------------------------------------ teacher lifecycle
     def ensure_teacher(self, in_dim: int, device: torch.device) -> Teacher:
         """Build the teacher on first use (its input size is the student's feature size)."""
         if self.teacher is None:
-            self.teacher = Teacher(in_dim, self.teacher_hidden, self.teacher_layers).to(device)
+            self.teacher = Teacher(in_dim, self.teacher_hidden, self.teacher_layers, self.passthrough).to(device)
             self.optimizer = torch.optim.Adam(self.teacher.parameters(), lr=self.teacher_lr)
             if self._pending is not None:
                 state, self._pending = self._pending, None
@@ -126,7 +136,7 @@ class Reweighter:
         if features is not None:
             batch_size, device = features.shape[0], features.device
         ones = torch.ones(batch_size, device=device)
-        if self.method == "none":
+        if self.method == "none" or step < self.warmup:
             return ones, info
         if self.method == "l2rw":
             mg = meta_grad_fn(torch.zeros_like(ones))
@@ -137,7 +147,7 @@ class Reweighter:
 
         teacher = self.ensure_teacher(features.shape[1], device)
         feats = features.detach().float()
-        teacher.norm.update(feats)
+        teacher.norm.update(feats[:, : feats.shape[1] - teacher.passthrough])
         if self.is_meta_step(step):
             w = normalize(teacher(feats))
             mg = meta_grad_fn(w.detach())

@@ -12,36 +12,38 @@ from torch import nn
 
 
 class RunningNorm(nn.Module):
-    """Standardise features with running (EMA) mean/variance.
+    """Standardise features with running (EMA) first and second moments.
 
     Decoder states, summed losses and lengths live on very different scales; this keeps the
-    MLP's inputs near unit scale without depending on the composition of one batch. The
-    statistics are buffers, so they are saved with the teacher and restored on resume.
+    MLP's inputs near unit scale without depending on the composition of one batch. The moments
+    are EMAs over batches (so between-batch variation counts too), and the variance has a floor so
+    a near-constant feature is not blown up. They are buffers: saved and restored with the teacher.
     """
 
-    def __init__(self, dim: int, momentum: float = 0.01, eps: float = 1e-5):
+    def __init__(self, dim: int, momentum: float = 0.01, min_var: float = 1e-4):
         super().__init__()
-        self.momentum, self.eps = momentum, eps
+        self.momentum, self.min_var = momentum, min_var
         self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("sq", torch.ones(dim))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        """Fold one batch into the running statistics (called once per training step)."""
+        """Fold one batch into the running moments (called once per training step)."""
         if x.shape[0] == 0:
             return
-        m, v = x.mean(0), x.var(0, unbiased=False)
-        if self.count == 0:  # first batch: take its statistics as they are
+        m, sq = x.mean(0), (x * x).mean(0)
+        if self.count == 0:  # first batch: take its moments as they are
             self.mean.copy_(m)
-            self.var.copy_(v)
+            self.sq.copy_(sq)
         else:
             self.mean.lerp_(m, self.momentum)
-            self.var.lerp_(v, self.momentum)
+            self.sq.lerp_(sq, self.momentum)
         self.count += 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / (self.var + self.eps).sqrt()
+        var = (self.sq - self.mean * self.mean).clamp_min(self.min_var)
+        return (x - self.mean) / var.sqrt()
 
 
 class Teacher(nn.Module):
@@ -51,12 +53,16 @@ class Teacher(nn.Module):
     richer inputs (student internal states, loss statistics, progress, label) are the
     deep-interaction teacher of Fan et al. (2021). The output layer starts at zero so every
     example starts with weight sigmoid(0) = 0.5, i.e. uniform weights after normalisation.
+    The last ``passthrough`` input columns (already bounded features such as training progress
+    or a one-hot label) skip the input standardisation.
     """
 
-    def __init__(self, in_dim: int, hidden: int = 100, num_layers: int = 1):
+    def __init__(self, in_dim: int, hidden: int = 100, num_layers: int = 1, passthrough: int = 0):
         super().__init__()
-        self.in_dim = in_dim
-        self.norm = RunningNorm(in_dim)
+        if not 0 <= passthrough <= in_dim:
+            raise ValueError(f"passthrough={passthrough} must be within [0, in_dim={in_dim}]")
+        self.in_dim, self.passthrough = in_dim, passthrough
+        self.norm = RunningNorm(in_dim - passthrough)
         layers, d = [], in_dim
         for _ in range(num_layers):
             layers += [nn.Linear(d, hidden), nn.ReLU()]
@@ -72,5 +78,7 @@ class Teacher(nn.Module):
                 f"teacher expects features of shape [batch, {self.in_dim}], got {tuple(features.shape)}; "
                 "the student's feature size changed (different --teacher-states or architecture?)"
             )
-        h = self.body(self.norm(features.float()))
+        x = features.float()
+        k = self.in_dim - self.passthrough
+        h = self.body(torch.cat([self.norm(x[:, :k]), x[:, k:]], 1) if self.passthrough else self.norm(x))
         return torch.sigmoid(self.out(h)).squeeze(-1)

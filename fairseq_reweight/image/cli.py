@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class-balanced subset of the remaining training images (0: all)")
     g.add_argument("--data-seed", type=int, default=d.data_seed, help="seed of the meta split, subset and noise")
     g.add_argument("--no-augment", dest="augment", action="store_false", help="no random crop/flip")
+    g.add_argument("--crop-pad", type=int, default=d.crop_pad, help="random-crop padding in pixels (0: flips only)")
     g = p.add_argument_group("student and optimisation")
     g.add_argument("--arch", default=d.arch, help="resnet32 (resnetN, N=6n+2) or wrn-28-10 (wrn-D-K)")
     g.add_argument("--epochs", type=int, default=d.epochs)

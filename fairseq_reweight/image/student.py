@@ -5,9 +5,10 @@ Teacher inputs per method (flags and semantics as on the NMT side):
 
 * ``mwnet`` (Shu et al. 2019): the example's loss;
 * ``deep`` (Fan et al. 2021): the pooled internal states chosen by ``--teacher-states`` (``last`` =
-  the penultimate features, ``all``, or 1-based stage indices like ``1,3``), the observed label
-  (one-hot, which the teacher's first linear layer turns into a learned label embedding), the
-  loss and the training progress in [0, 1];
+  the penultimate features, ``all``, or 1-based stage indices like ``1,3``), the loss, the observed
+  label (one-hot, which the teacher's first linear layer turns into a learned label embedding) and
+  the training progress in [0, 1]; the label and the progress are already bounded and bypass
+  the teacher's input standardisation;
 * ``l2rw`` (Ren et al. 2018) and ``none``: no teacher.
 
 The meta-gradient replays the student with ``torch.func.functional_call``. Replays run in train
@@ -67,7 +68,12 @@ def teacher_features(method: str, out: StudentOutput, labels: torch.Tensor, num_
         return None
     label = F.one_hot(labels, num_classes).float()
     prog = torch.full_like(loss, progress)
-    return torch.cat([out.states[i].float() for i in layers] + [label, loss, prog], 1)
+    return torch.cat([out.states[i].float() for i in layers] + [loss, label, prog], 1)
+
+
+def passthrough(method: str, num_classes: int) -> int:
+    """Trailing feature columns the teacher should not standardise: the one-hot label and the progress."""
+    return num_classes + 1 if method == "deep" else 0
 
 
 def replay_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:

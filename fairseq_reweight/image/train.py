@@ -35,7 +35,7 @@ from .noise import balanced_split, check_rate, corrupt
 
 CHECKPOINT_VERSION = 1
 # settings a resumed run must share with its checkpoint
-RESUME_KEYS = ("dataset", "noise", "noise_rate", "meta_size", "train_size", "data_seed", "arch", "augment",
+RESUME_KEYS = ("dataset", "noise", "noise_rate", "meta_size", "train_size", "data_seed", "arch", "augment", "crop_pad",
                "batch_size", "reweight_method", "teacher_states", "teacher_hidden")
 
 
@@ -51,6 +51,7 @@ class TrainConfig:
     train_size: int = 0  # 0: every training image not in the meta set
     data_seed: int = 0
     augment: bool = True
+    crop_pad: int = 4  # random-crop padding in pixels (0: flips only)
     # student and optimisation
     arch: str = "resnet32"
     epochs: int = 120
@@ -137,7 +138,8 @@ class Trainer:
                                          weight_decay=cfg.weight_decay)
         self.reweighter = Reweighter(cfg.reweight_method, meta_interval=cfg.meta_interval,
                                      teacher_lr=cfg.teacher_lr if cfg.teacher_lr is not None else 1e-3,
-                                     teacher_hidden=cfg.teacher_hidden)
+                                     teacher_hidden=cfg.teacher_hidden,
+                                     passthrough=student.passthrough(cfg.reweight_method, self.num_classes))
         self.layers = (student.parse_teacher_states(cfg.teacher_states, self.model.num_states)
                        if cfg.reweight_method == "deep" else [])
         # separate streams: every method sees the same training batches and augmentations
@@ -177,7 +179,7 @@ class Trainer:
         self.test_x = torch.as_tensor(data.test_x).to(dev)
         self.test_y = torch.as_tensor(data.test_y).to(dev)
         info = data.info
-        self.augment = Augment(info.mean, info.std, flip=info.flip, enabled=cfg.augment)
+        self.augment = Augment(info.mean, info.std, pad=cfg.crop_pad, flip=info.flip, enabled=cfg.augment)
         self.iters_per_epoch = len(pool) // cfg.batch_size
         self._write_labels(pool, meta_idx)
 

@@ -1,0 +1,246 @@
+#!/usr/bin/env python
+"""Score the per-sentence weights of a ``--dump-weights`` file against a noise flags file.
+
+The AUC is that of the weight as a score separating clean pairs (positives) from corrupted ones
+(``fairseq_reweight.core.auc``, Mann-Whitney, ties count 1/2): 1.0 = every clean pair weighted above
+every corrupted one, 0.5 = no separation (uniform weights give exactly 0.5). Weights are normalised
+to mean 1 within each batch, so they are comparable across batches.
+
+Reports the AUC per window of updates, over the last ``--last-frac`` of training (rows, and the mean
+weight of each sentence over that part), and, for reference, the AUC of the negated training loss
+(the small-loss heuristic). Writes ``weights_analysis.json``, ``weights_hist.png`` (clean vs
+corrupted weights over the last part) and ``weights_auc.png`` (AUC against updates) into
+``--out-dir``.
+
+Example::
+
+    python scripts/analyze_weights.py --weights runs/x/weights.tsv \\
+        --flags data-bin/multi30k_de_en_misaligned0.3/train.flags --out-dir runs/x
+"""
+
+import argparse
+import glob
+import importlib.util
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _auc_fn():
+    """``fairseq_reweight.core.auc``; loaded from its file when possible (the package import pulls in fairseq)."""
+    path = ROOT / "fairseq_reweight" / "core" / "diagnostics.py"
+    try:
+        spec = importlib.util.spec_from_file_location("_fr_diagnostics", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.auc
+    except Exception:  # e.g. the module grew relative imports: take the normal route
+        sys.path.insert(0, str(ROOT))
+        from fairseq_reweight.core import auc
+
+        return auc
+
+
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def read_dump(paths):
+    """Rows of one or more dump files as arrays; a repeated (update, id) keeps its last row (resumed runs)."""
+    ups, ids, ws, ls = [], [], [], []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for k, line in enumerate(f, 1):
+                parts = line.rstrip("\n").split("\t")
+                if not parts or parts[0] in ("update", ""):
+                    continue  # header (repeated when a run was resumed)
+                if len(parts) < 3:
+                    die(f"{path}:{k}: expected update<TAB>id<TAB>weight[<TAB>loss], got {line!r}")
+                try:
+                    ups.append(int(parts[0]))
+                    ids.append(int(parts[1]))
+                    ws.append(float(parts[2]))
+                    ls.append(float(parts[3]) if len(parts) > 3 else float("nan"))
+                except ValueError:
+                    die(f"{path}:{k}: not a number in {line!r}")
+    u, i, w, l = (np.asarray(x) for x in (ups, ids, ws, ls))
+    if len(u) == 0:
+        return u, i, w.astype(float), l.astype(float)
+    key = u.astype(np.int64) * (int(i.max()) + 1) + i
+    _, last = np.unique(key[::-1], return_index=True)
+    keep = np.sort(len(key) - 1 - last)
+    return u[keep], i[keep], w[keep], l[keep]
+
+
+def read_flags(path):
+    flags = []
+    with open(path, encoding="utf-8") as f:
+        for k, line in enumerate(f, 1):
+            v = line.strip()
+            if v not in ("0", "1"):
+                die(f"{path}:{k}: expected 0 or 1, got {line!r}")
+            flags.append(int(v))
+    return np.asarray(flags, dtype=np.int64)
+
+
+def _r(x, nd=4):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), nd)
+
+
+def analyze(updates, ids, weights, losses, flags, auc, windows=10, last_frac=0.2):
+    """The numbers of the report (a JSON-able dict)."""
+    if len(updates) and ids.max() >= len(flags):
+        die(f"sentence id {int(ids.max())} in the dump but the flags file has only {len(flags)} lines: "
+            "the flags do not belong to this data-bin's train split")
+    corrupted = flags[ids] == 1
+    clean = ~corrupted
+    lo, hi = int(updates.min()), int(updates.max())
+    edges = np.linspace(lo, hi + 1, windows + 1)
+    curve = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        m = (updates >= a) & (updates < b)
+        if not m.any():
+            continue
+        curve.append({
+            "update_from": int(math.ceil(a)), "update_to": int(math.ceil(b)) - 1, "rows": int(m.sum()),
+            "auc": _r(auc(weights[m], clean[m])),
+            "mean_w_clean": _r(weights[m & clean].mean()) if (m & clean).any() else None,
+            "mean_w_corrupted": _r(weights[m & corrupted].mean()) if (m & corrupted).any() else None,
+        })
+    start = hi + 1 - max(1, int(round(last_frac * (hi + 1 - lo))))  # the last updates, at least one
+    last = updates >= start
+    # per-sentence mean weight over the last part
+    uid, inv = np.unique(ids[last], return_inverse=True)
+    mean_w = np.bincount(inv, weights=weights[last]) / np.bincount(inv)
+    sent_clean = flags[uid] == 0
+    finite = np.isfinite(losses[last])
+    return {
+        "rows": int(len(updates)), "updates": [lo, hi], "sentences_seen": int(len(np.unique(ids))),
+        "train_sentences": int(len(flags)), "corrupted_fraction": _r(flags.mean()) if len(flags) else None,
+        "auc_all": _r(auc(weights, clean)),
+        "last_frac": last_frac, "last_from_update": int(start),
+        "auc_last": _r(auc(weights[last], clean[last])),
+        "auc_last_sentence_mean": _r(auc(mean_w, sent_clean)),
+        "auc_last_neg_loss": _r(auc(-losses[last][finite], clean[last][finite])) if finite.any() else None,
+        "mean_w_clean_last": _r(weights[last & clean].mean()) if (last & clean).any() else None,
+        "mean_w_corrupted_last": _r(weights[last & corrupted].mean()) if (last & corrupted).any() else None,
+        "curve": curve,
+    }
+
+
+def plot(res, weights, clean, last, out_dir, bins, label):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    title = f"{label}: " if label else ""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    w = weights[last]
+    c = clean[last]
+    top = float(np.quantile(w, 0.995)) if len(w) else 1.0
+    lo = float(w.min()) if len(w) else 0.0
+    rng = (lo, max(top, lo + 1e-6))
+    if c.any():
+        ax.hist(np.clip(w[c], *rng), bins=bins, range=rng, density=True, alpha=0.55, label=f"clean ({int(c.sum())})")
+    if (~c).any():
+        ax.hist(np.clip(w[~c], *rng), bins=bins, range=rng, density=True, alpha=0.55,
+                label=f"corrupted ({int((~c).sum())})")
+    ax.set_xlabel("weight (batch mean = 1)")
+    ax.set_ylabel("density")
+    auc_txt = f", AUC {res['auc_last']:.3f}" if res["auc_last"] is not None else ""
+    ax.set_title(f"{title}weights, updates >= {res['last_from_update']}{auc_txt}", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    hist = os.path.join(out_dir, "weights_hist.png")
+    fig.savefig(hist, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [(p["update_from"] + p["update_to"]) / 2 for p in res["curve"]]
+    ys = [p["auc"] if p["auc"] is not None else float("nan") for p in res["curve"]]
+    ax.plot(xs, ys, marker="o", label="weight AUC (clean vs corrupted)")
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("update")
+    ax.set_ylabel("AUC")
+    ax.set_title(f"{title}weight AUC over training", fontsize=10)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    curve = os.path.join(out_dir, "weights_auc.png")
+    fig.savefig(curve, dpi=110)
+    plt.close(fig)
+    return hist, curve
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", required=True, help="TSV from --dump-weights (its .rankN siblings are read too)")
+    p.add_argument("--flags", required=True, help="flags file: one 0/1 per train sentence id (1 = corrupted)")
+    p.add_argument("--out-dir", default=None, help="where to write the JSON and PNGs (default: the dump's folder)")
+    p.add_argument("--bins", type=int, default=50, help="histogram bins (default 50)")
+    p.add_argument("--windows", type=int, default=10, help="number of update windows of the AUC curve (default 10)")
+    p.add_argument("--last-frac", type=float, default=0.2,
+                   help="fraction of training (by updates) at the end for the summary AUC and histogram (default 0.2)")
+    p.add_argument("--label", default="", help="title prefix of the plots, e.g. the method")
+    p.add_argument("--json", default=None, help="output JSON (default OUT-DIR/weights_analysis.json)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    args = p.parse_args(argv)
+
+    if not os.path.isfile(args.weights):
+        die(f"weights dump {args.weights} not found (train with --dump-weights FILE)")
+    if not os.path.isfile(args.flags):
+        die(f"flags file {args.flags} not found (scripts/prepare_multi30k.sh writes DATA-BIN/train.flags)")
+    if not 0 < args.last_frac <= 1:
+        die(f"--last-frac must be in (0, 1], got {args.last_frac}")
+    if args.windows < 1 or args.bins < 1:
+        die("--windows and --bins must be >= 1")
+    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.weights))
+    os.makedirs(out_dir, exist_ok=True)
+
+    paths = [args.weights] + sorted(glob.glob(glob.escape(args.weights) + ".rank*"))
+    print(f"[analyze] reading {', '.join(paths)}", file=sys.stderr)
+    updates, ids, weights, losses = read_dump(paths)
+    if len(updates) == 0:
+        die(f"{args.weights} has no rows")
+    flags = read_flags(args.flags)
+    res = analyze(updates, ids, weights, losses, flags, _auc_fn(), args.windows, args.last_frac)
+    res.update(weights_file=os.path.abspath(args.weights), flags_file=os.path.abspath(args.flags),
+               label=args.label)
+    if not args.no_plots:
+        clean = flags[ids] == 0
+        last = updates >= res["last_from_update"]
+        res["plots"] = list(plot(res, weights, clean, last, out_dir, args.bins, args.label))
+    out_json = args.json or os.path.join(out_dir, "weights_analysis.json")
+    with open(out_json, "w", encoding="utf-8") as f:
+        json.dump(res, f, indent=1)
+        f.write("\n")
+
+    def fmt(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    print(f"[analyze] {res['rows']} rows, updates {res['updates'][0]}..{res['updates'][1]}, "
+          f"{res['sentences_seen']}/{res['train_sentences']} train sentences seen, "
+          f"{fmt(res['corrupted_fraction'])} of train corrupted")
+    if res["auc_all"] is None:
+        print("[analyze] no corrupted (or no clean) pairs among the dumped sentences: AUC undefined")
+    for pt in res["curve"]:
+        print(f"  updates {pt['update_from']:>6}-{pt['update_to']:<6} AUC {fmt(pt['auc'])}  mean weight clean "
+              f"{fmt(pt['mean_w_clean'])} corrupted {fmt(pt['mean_w_corrupted'])}")
+    print(f"AUC (all updates)              {fmt(res['auc_all'])}")
+    print(f"AUC (last {res['last_frac']:.0%}, from update {res['last_from_update']}) {fmt(res['auc_last'])}")
+    print(f"AUC (last part, per-sentence mean weight) {fmt(res['auc_last_sentence_mean'])}")
+    print(f"AUC of -loss (last part, reference)       {fmt(res['auc_last_neg_loss'])}")
+    print(f"[analyze] wrote {out_json}" + (f", {', '.join(res['plots'])}" if "plots" in res else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

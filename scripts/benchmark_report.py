@@ -1,0 +1,244 @@
+#!/usr/bin/env python
+"""Write examples/multi30k/RESULTS.md from the runs of scripts/run_multi30k_benchmark.sh.
+
+Reads, for each ``RUNS/{clean,noisy}/METHOD/seedS``: ``bleu_test.json`` (eval_bleu.sh),
+``weights_analysis.json`` (analyze_weights.py, noisy runs) and ``train.log`` (seconds per update from
+the timestamps of fairseq's ``train_inner`` lines within an epoch, so validation and checkpointing
+are not counted). Missing runs are reported as missing, so a partial table can be written at any time.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+CONDITION_LABEL = {"clean": "clean", "noisy": "noisy"}
+_INNER = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \| INFO \| train_inner \| epoch (\d+):.*?num_updates=(\d+)")
+
+
+def seconds_per_update(log_path: Path):
+    """(seconds per update, updates timed, last update) from train_inner timestamps, epoch boundaries excluded."""
+    if not log_path.exists():
+        return None, 0, None
+    prev = None
+    dt = du = 0.0
+    last = None
+    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        m = _INNER.match(line)
+        if not m:
+            if "| INFO | fairseq_cli.train | loaded checkpoint" in line or "Start iterating" in line:
+                prev = None  # a (re)start: do not time across it
+            continue
+        t = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp()
+        epoch, upd = int(m.group(2)), int(m.group(3))
+        if prev is not None and prev[0] == epoch and upd > prev[1]:
+            dt += t - prev[2]
+            du += upd - prev[1]
+        prev = (epoch, upd, t)
+        last = upd
+    return (dt / du if du else None), int(du), last
+
+
+def load_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def mean_sd(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def fmt_stat(xs, nd=2):
+    m, sd = mean_sd(xs)
+    if m is None:
+        return "–"
+    s = f"{m:.{nd}f}"
+    if sd is not None:
+        s += f" ± {sd:.{nd}f}"
+    vals = [x for x in xs if x is not None]
+    if len(vals) > 1:
+        s += " (" + ", ".join(f"{x:.{nd}f}" for x in vals) + ")"
+    missing = sum(x is None for x in xs)
+    if missing:
+        s += f" [{missing} missing]"
+    return s
+
+
+def combined_auc_plot(curves, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for method, curve in curves.items():
+        xs = [(p["update_from"] + p["update_to"]) / 2 for p in curve]
+        ys = [p["auc"] if p["auc"] is not None else float("nan") for p in curve]
+        ax.plot(xs, ys, marker="o", markersize=3, label=method)
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_ylim(0.3, 1.0)
+    ax.set_xlabel("update")
+    ax.set_ylabel("AUC of weights (clean vs corrupted)")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs-dir", required=True)
+    p.add_argument("--results-dir", required=True)
+    p.add_argument("--seeds", default="1 2")
+    p.add_argument("--methods", default="none l2rw mwnet deep")
+    p.add_argument("--conditions", default="clean noisy")
+    p.add_argument("--noise", default="misaligned")
+    p.add_argument("--noise-rate", default="0.3")
+    p.add_argument("--preset", default="tiny-cpu")
+    p.add_argument("--max-update", default="?")
+    p.add_argument("--data-clean", default="")
+    p.add_argument("--data-noisy", default="")
+    p.add_argument("--command", default="scripts/run_multi30k_benchmark.sh")
+    args = p.parse_args(argv)
+
+    runs, out = Path(args.runs_dir), Path(args.results_dir)
+    if not runs.is_dir():
+        print(f"error: runs folder {runs} not found", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    seeds, methods, conds = args.seeds.split(), args.methods.split(), args.conditions.split()
+    noisy_label = f"{args.noise} {float(args.noise_rate):.0%}"
+    label = {"clean": "clean", "noisy": noisy_label}
+
+    R = {}
+    for c in conds:
+        for m in methods:
+            for s in seeds:
+                d = runs / c / m / f"seed{s}"
+                bleu = load_json(d / "bleu_test.json")
+                ana = load_json(d / "weights_analysis.json")
+                spu, timed, last = seconds_per_update(d / "train.log")
+                R[c, m, s] = {"dir": d, "bleu": bleu, "ana": ana, "spu": spu, "updates": last,
+                              "wall": (load_json(d / "train_time.json") or {}).get("wall_seconds")}
+    done = sum(r["bleu"] is not None for r in R.values())
+
+    L = []
+    L.append("# Multi30k De→En: learning to reweight, four methods, clean and noisy training data\n")
+    L.append(f"Generated by `{args.command}` on {datetime.date.today().isoformat()} "
+             f"({platform.machine()}, {os.cpu_count()} CPU cores; {done}/{len(R)} runs finished).\n")
+    L.append(f"- Data: Multi30k task 1, train minus a clean **meta** split held out before the noise; "
+             f"noisy condition: `{args.noise}` noise on {float(args.noise_rate):.0%} of the train pairs "
+             f"(`scripts/prepare_multi30k.sh`). Test: test_2016_flickr (1000 sentences).")
+    L.append(f"- Training: `scripts/train_translation.sh METHOD DATA SAVE --preset {args.preset} --seed S "
+             f"--max-update {args.max_update}`; the same preset, seeds and number of updates for every method.")
+    L.append("- BLEU/chrF: `scripts/eval_bleu.sh` (beam 5, checkpoint_last.pt, sentencepiece-decoded, sacrebleu on "
+             "detokenised text against the raw references). Cells: mean ± sample s.d. over seeds (per-seed values).")
+    L.append("- Weight AUC: `scripts/analyze_weights.py`; AUC of the weight as a score for *clean* vs *corrupted* "
+             "(0.5 = no separation, 1 = every clean pair above every corrupted one), over the last 20% of updates.\n")
+
+    sig = next((r["bleu"]["bleu_signature"] for r in R.values() if r["bleu"]), None)
+    csig = next((r["bleu"]["chrf_signature"] for r in R.values() if r["bleu"]), None)
+
+    L.append("## BLEU on test_2016_flickr\n")
+    L.append("| method | " + " | ".join(label[c] for c in conds) + " |")
+    L.append("|---|" + "---|" * len(conds))
+    for m in methods:
+        cells = [fmt_stat([R[c, m, s]["bleu"]["bleu"] if R[c, m, s]["bleu"] else None for s in seeds]) for c in conds]
+        L.append(f"| {m} | " + " | ".join(cells) + " |")
+    L.append(f"\nsacrebleu signature: `{sig}`\n" if sig else "\n(no finished runs yet)\n")
+
+    L.append("## chrF on test_2016_flickr\n")
+    L.append("| method | " + " | ".join(label[c] for c in conds) + " |")
+    L.append("|---|" + "---|" * len(conds))
+    for m in methods:
+        cells = [fmt_stat([R[c, m, s]["bleu"]["chrf"] if R[c, m, s]["bleu"] else None for s in seeds]) for c in conds]
+        L.append(f"| {m} | " + " | ".join(cells) + " |")
+    if csig:
+        L.append(f"\nchrF signature: `{csig}`\n")
+
+    if "noisy" in conds:
+        L.append(f"## Weight AUC on the noisy run ({noisy_label})\n")
+        L.append("| method | AUC, last 20% of updates | AUC of per-sentence mean weight, last 20% | "
+                 "mean weight clean / corrupted, last 20% | AUC of −loss (reference) |")
+        L.append("|---|---|---|---|---|")
+        for m in methods:
+            anas = [R["noisy", m, s]["ana"] for s in seeds]
+
+            def col(key, nd=3):
+                return fmt_stat([a.get(key) if a else None for a in anas], nd)
+
+            wc, wx = mean_sd([a.get("mean_w_clean_last") if a else None for a in anas])[0], \
+                mean_sd([a.get("mean_w_corrupted_last") if a else None for a in anas])[0]
+            ws = f"{wc:.3f} / {wx:.3f}" if wc is not None and wx is not None else "–"
+            L.append(f"| {m} | {col('auc_last')} | {col('auc_last_sentence_mean')} | {ws} | "
+                     f"{col('auc_last_neg_loss')} |")
+        L.append("")
+
+    L.append("## Seconds per update\n")
+    L.append("Wall-clock seconds per update from the timestamps of fairseq's log lines (validation and "
+             "checkpointing excluded), mean over seeds; the ratio is to `none` in the same condition.\n")
+    L.append("| method | " + " | ".join(f"{label[c]}: s/update | ratio" for c in conds) + " | train wall (min, mean) |")
+    L.append("|---|" + "---|---|" * len(conds) + "---|")
+    base = {c: mean_sd([R[c, "none", s]["spu"] for s in seeds])[0] if "none" in methods else None for c in conds}
+    for m in methods:
+        cells = []
+        for c in conds:
+            spu = mean_sd([R[c, m, s]["spu"] for s in seeds])[0]
+            ratio = spu / base[c] if spu and base[c] else None
+            cells += [f"{spu:.3f}" if spu else "–", f"{ratio:.2f}×" if ratio else "–"]
+        walls = [R[c, m, s]["wall"] for c in conds for s in seeds if R[c, m, s]["wall"]]
+        wall = f"{statistics.mean(walls) / 60:.1f}" if walls else "–"
+        L.append(f"| {m} | " + " | ".join(cells) + f" | {wall} |")
+    L.append("")
+
+    # plots: combined AUC curves (first seed with data) + each method's histogram / curve
+    plots = []
+    if "noisy" in conds:
+        for s in seeds:
+            curves = {m: R["noisy", m, s]["ana"]["curve"] for m in methods if R["noisy", m, s]["ana"]}
+            if curves:
+                path = out / "weights_auc_all.png"
+                combined_auc_plot(curves, path, f"weight AUC over training, {noisy_label}, seed {s}")
+                plots.append((f"Weight AUC over training, all methods (seed {s})", path.name))
+                for m in methods:
+                    d = R["noisy", m, s]["dir"]
+                    for name, what in (("weights_hist.png", "weight histogram, clean vs corrupted"),
+                                       ("weights_auc.png", "weight AUC over training")):
+                        if (d / name).exists():
+                            dest = out / name.replace(".png", f"_{m}.png")
+                            shutil.copy(d / name, dest)
+                            plots.append((f"{m}: {what} (seed {s})", dest.name))
+                break
+    if plots:
+        L.append("## Plots\n")
+        for caption, name in plots:
+            L.append(f"**{caption}**\n\n![{caption}]({name})\n")
+
+    L.append("## Per-run files\n")
+    L.append(f"Runs folder: `{runs}` (`CONDITION/METHOD/seedS/`: train.log, weights.tsv, bleu_test.json, "
+             "hyp_test.txt, weights_analysis.json).")
+    missing = [f"{c}/{m}/seed{s}" for (c, m, s), r in R.items() if r["bleu"] is None]
+    if missing:
+        L.append(f"\nMissing (not finished yet): {', '.join(missing)}")
+    text = "\n".join(L) + "\n"
+    (out / "RESULTS.md").write_text(text, encoding="utf-8")
+    print(text)
+    print(f"[report] wrote {out / 'RESULTS.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

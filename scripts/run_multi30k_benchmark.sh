@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# The Multi30k evidence: 4 methods x (clean, noisy) x seeds -> examples/multi30k/RESULTS.md.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SELF="$ROOT/scripts/run_multi30k_benchmark.sh"
+
+usage() {
+    cat <<EOF
+Usage: scripts/run_multi30k_benchmark.sh [options]
+
+Prepares Multi30k De->En twice (clean, and with --noise at --noise-rate on the train pairs; both with
+the same clean meta split), trains every method of --methods on both with every seed of --seeds
+(same preset, seed and number of updates for all methods), evaluates BLEU/chrF on test_2016_flickr,
+scores the weights of the noisy runs against the noise flags, and writes RESULTS.md plus plots.
+
+Runs are sequential (or --jobs N at a time) and resumable: a run whose checkpoint_last.pt, finished
+train.log and bleu_test.json exist is skipped, so re-running the command picks up where it stopped.
+
+Options:
+  --seeds "S1 S2 ..."    training seeds (default "1 2"; >= 2 gives mean +- spread)
+  --methods "M ..."      subset of "none l2rw mwnet deep" (default all four)
+  --max-update N         updates per run (default 1200)
+  --preset P             train_translation.sh preset (default tiny-cpu)
+  --noise TYPE           noise of the noisy condition (default misaligned)
+  --noise-rate R         (default 0.3)
+  --vocab N              sentencepiece vocabulary (default 8000)
+  --meta-size N          clean meta pairs held out of train (default 1000)
+  --data-seed N          seed of the meta split / noise / sentencepiece (default 1)
+  --conditions "C ..."   subset of "clean noisy" (default both)
+  --runs-dir DIR         checkpoints, logs and per-run results (default runs/multi30k in the checkout)
+  --results-dir DIR      where RESULTS.md and the plots go (default examples/multi30k)
+  --train-args "ARGS"    extra arguments for train_translation.sh / fairseq-train (e.g. "--max-tokens 512")
+  --gpu                  train and generate on the GPU (drops the preset's --cpu)
+  --jobs N               runs at a time (default 1; >1 only on a machine with cores or a GPU to spare)
+  --report-only          only (re)write RESULTS.md from the runs on disk
+  --dry-run              print the runs that would be done
+  -h, --help             this help
+EOF
+}
+
+die() { echo "error: $*" >&2; exit 2; }
+log() { echo "[benchmark $(date +%H:%M:%S)] $*" >&2; }
+
+SEEDS="1 2" METHODS="none l2rw mwnet deep" MAX_UPDATE=1200 PRESET=tiny-cpu NOISE=misaligned RATE=0.3
+VOCAB=8000 META=1000 DATA_SEED=1 CONDITIONS="clean noisy" RUNS="$ROOT/runs/multi30k"
+RESULTS="$ROOT/examples/multi30k" TRAIN_ARGS="" GPU="" JOBS=1 REPORT_ONLY="" DRY="" ONE=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        -h|--help) usage; exit 0 ;;
+        --seeds) SEEDS="${2:?}"; shift 2 ;;
+        --methods) METHODS="${2:?}"; shift 2 ;;
+        --max-update) MAX_UPDATE="${2:?}"; shift 2 ;;
+        --preset) PRESET="${2:?}"; shift 2 ;;
+        --noise) NOISE="${2:?}"; shift 2 ;;
+        --noise-rate) RATE="${2:?}"; shift 2 ;;
+        --vocab) VOCAB="${2:?}"; shift 2 ;;
+        --meta-size) META="${2:?}"; shift 2 ;;
+        --data-seed) DATA_SEED="${2:?}"; shift 2 ;;
+        --conditions) CONDITIONS="${2:?}"; shift 2 ;;
+        --runs-dir) RUNS="${2:?}"; shift 2 ;;
+        --results-dir) RESULTS="${2:?}"; shift 2 ;;
+        --train-args) TRAIN_ARGS="${2?}"; shift 2 ;;
+        --gpu) GPU=1; shift ;;
+        --jobs) JOBS="${2:?}"; shift 2 ;;
+        --report-only) REPORT_ONLY=1; shift ;;
+        --dry-run) DRY=1; shift ;;
+        --_one) ONE="${2:?}"; shift 2 ;;  # internal: "COND METHOD SEED"
+        *) usage >&2; die "unknown option: $1" ;;
+    esac
+done
+for m in $METHODS; do case "$m" in none|l2rw|mwnet|deep) ;; *) die "unknown method '$m'" ;; esac; done
+for c in $CONDITIONS; do case "$c" in clean|noisy) ;; *) die "unknown condition '$c' (clean|noisy)" ;; esac; done
+[[ -n "$SEEDS" ]] || die "--seeds is empty"
+[[ "$MAX_UPDATE" =~ ^[0-9]+$ ]] || die "--max-update must be a number"
+mkdir -p "$RUNS"
+RUNS="$(cd "$RUNS" && pwd)"
+
+EVAL_DEV=--cpu
+[[ -z "$GPU" ]] || EVAL_DEV=""
+DATA_CLEAN="$ROOT/data-bin/multi30k_de_en_v${VOCAB}_m${META}_s${DATA_SEED}"
+DATA_NOISY="${DATA_CLEAN}_${NOISE}${RATE}"
+data_of() { if [[ "$1" == clean ]]; then echo "$DATA_CLEAN"; else echo "$DATA_NOISY"; fi; }
+run_dir() { echo "$RUNS/$1/$2/seed$3"; }
+finished() {  # COND METHOD SEED
+    local d; d=$(run_dir "$@")
+    [[ -f "$d/checkpoint_last.pt" && -f "$d/bleu_test.json" ]] && grep -q "done training" "$d/train.log" 2>/dev/null
+}
+
+# ------------------------------------------------------------------ one run (also the --jobs worker)
+one_run() {
+    local cond="$1" method="$2" seed="$3" data dir
+    data=$(data_of "$cond"); dir=$(run_dir "$cond" "$method" "$seed")
+    if finished "$cond" "$method" "$seed"; then
+        log "$cond/$method/seed$seed: done before, skipped"
+    else
+        mkdir -p "$dir"
+        if [[ -f "$dir/checkpoint_last.pt" ]] && grep -q "done training" "$dir/train.log" 2>/dev/null; then
+            log "$cond/$method/seed$seed: trained before"
+        else
+            log "$cond/$method/seed$seed: training ($MAX_UPDATE updates, preset $PRESET) -> $dir"
+            # shellcheck disable=SC2086
+            "$ROOT/scripts/train_translation.sh" "$method" "$data" "$dir" --preset "$PRESET" --seed "$seed" \
+                --max-update "$MAX_UPDATE" ${GPU:+--gpu} $TRAIN_ARGS > "$dir/train.stdout" 2>&1 \
+                || { tail -30 "$dir/train.stdout" >&2; die "training $cond/$method/seed$seed failed (log: $dir/train.stdout)"; }
+        fi
+        log "$cond/$method/seed$seed: evaluating BLEU on test_2016_flickr"
+        "$ROOT/scripts/eval_bleu.sh" "$data" "$dir/checkpoint_last.pt" --split test $EVAL_DEV \
+            > "$dir/eval.stdout" 2>&1 \
+            || { tail -30 "$dir/eval.stdout" >&2; die "evaluation of $cond/$method/seed$seed failed (log: $dir/eval.stdout)"; }
+        grep -E "^(BLEU|chrF) =" "$dir/eval.stdout" | sed "s|^|  $cond/$method/seed$seed: |" >&2 || true
+    fi
+    if [[ "$cond" == noisy && ! -f "$dir/weights_analysis.json" && -f "$dir/weights.tsv" ]]; then
+        python "$ROOT/scripts/analyze_weights.py" --weights "$dir/weights.tsv" --flags "$data/train.flags" \
+            --out-dir "$dir" --label "$method, seed $seed" > "$dir/analyze.stdout" 2>&1 \
+            || { tail -20 "$dir/analyze.stdout" >&2; die "weight analysis of $cond/$method/seed$seed failed"; }
+        grep -E "^AUC \(last" "$dir/analyze.stdout" | head -1 | sed "s|^|  $cond/$method/seed$seed: |" >&2 || true
+    fi
+}
+
+if [[ -n "$ONE" ]]; then
+    # shellcheck disable=SC2086
+    one_run $ONE
+    exit 0
+fi
+
+# ------------------------------------------------------------------ plan
+RUN_LIST=()
+for seed in $SEEDS; do
+    for cond in $CONDITIONS; do
+        for method in $METHODS; do RUN_LIST+=("$cond $method $seed"); done
+    done
+done
+todo=0
+for r in "${RUN_LIST[@]}"; do
+    # shellcheck disable=SC2086
+    finished $r || todo=$((todo + 1))
+done
+log "${#RUN_LIST[@]} runs (${todo} to do): seeds [$SEEDS] x conditions [$CONDITIONS] x methods [$METHODS]," \
+    "$MAX_UPDATE updates, preset $PRESET; runs in $RUNS"
+if [[ -n "$DRY" ]]; then
+    for r in "${RUN_LIST[@]}"; do
+        # shellcheck disable=SC2086
+        if finished $r; then echo "done  $r"; else echo "todo  $r"; fi
+    done
+    exit 0
+fi
+
+report() {
+    python "$ROOT/scripts/benchmark_report.py" --runs-dir "$RUNS" --results-dir "$RESULTS" --seeds "$SEEDS" \
+        --methods "$METHODS" --conditions "$CONDITIONS" --noise "$NOISE" --noise-rate "$RATE" \
+        --preset "$PRESET" --max-update "$MAX_UPDATE" --data-clean "$DATA_CLEAN" --data-noisy "$DATA_NOISY" \
+        --command "scripts/run_multi30k_benchmark.sh $*"
+}
+ARGS_STR="--seeds \"$SEEDS\" --max-update $MAX_UPDATE --preset $PRESET --noise $NOISE --noise-rate $RATE${TRAIN_ARGS:+ --train-args \"$TRAIN_ARGS\"}${GPU:+ --gpu}"
+if [[ -n "$REPORT_ONLY" ]]; then
+    report "$ARGS_STR"
+    exit 0
+fi
+
+# ------------------------------------------------------------------ data
+start=$(date +%s)
+for cond in $CONDITIONS; do
+    if [[ "$cond" == clean ]]; then
+        log "preparing the clean data-bin $DATA_CLEAN"
+        "$ROOT/scripts/prepare_multi30k.sh" --src de --tgt en --vocab "$VOCAB" --meta-size "$META" \
+            --seed "$DATA_SEED" --out "$DATA_CLEAN" > /dev/null
+    else
+        log "preparing the noisy data-bin $DATA_NOISY ($NOISE, rate $RATE)"
+        "$ROOT/scripts/prepare_multi30k.sh" --src de --tgt en --vocab "$VOCAB" --meta-size "$META" \
+            --seed "$DATA_SEED" --noise "$NOISE" --noise-rate "$RATE" --out "$DATA_NOISY" > /dev/null
+    fi
+done
+
+# ------------------------------------------------------------------ runs
+if [[ "$JOBS" -le 1 ]]; then
+    k=0
+    for r in "${RUN_LIST[@]}"; do
+        k=$((k + 1))
+        log "run $k/${#RUN_LIST[@]}: $r"
+        # shellcheck disable=SC2086
+        one_run $r
+    done
+else
+    log "running $JOBS at a time"
+    PASS=(--seeds "$SEEDS" --methods "$METHODS" --max-update "$MAX_UPDATE" --preset "$PRESET" --noise "$NOISE"
+          --noise-rate "$RATE" --vocab "$VOCAB" --meta-size "$META" --data-seed "$DATA_SEED"
+          --conditions "$CONDITIONS" --runs-dir "$RUNS" --results-dir "$RESULTS" --train-args "$TRAIN_ARGS")
+    [[ -n "$GPU" ]] && PASS+=(--gpu)
+    printf '%s\n' "${RUN_LIST[@]}" | xargs -P "$JOBS" -I{} "$SELF" "${PASS[@]}" --_one "{}"
+fi
+log "all runs done in $(( ($(date +%s) - start) / 60 )) min"
+report "$ARGS_STR"
