@@ -1,0 +1,377 @@
+"""The data-preparation, training, evaluation and analysis scripts on tiny stand-in data."""
+
+import gzip
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import BIN, ROOT
+
+SCRIPTS = ROOT / "scripts"
+ENV = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONWARNINGS="ignore")
+
+
+def sh(cmd, env=None, check=True):
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=dict(ENV, **(env or {})),
+                       cwd=ROOT)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
+def helpers():
+    spec = importlib.util.spec_from_file_location("mt_helpers", SCRIPTS / "mt_helpers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _toy_pairs(rng, n):
+    src, tgt = [], []
+    for _ in range(n):
+        words = [f"a{rng.randrange(20)}" for _ in range(rng.randint(3, 8))]
+        src.append(" ".join(words).capitalize() + ".")
+        tgt.append(" ".join("b" + w[1:] for w in reversed(words)).capitalize() + ".")
+    return src, tgt
+
+
+@pytest.fixture(scope="module")
+def multi30k_raw(tmp_path_factory):
+    """A tiny stand-in of the raw Multi30k task-1 files."""
+    d = tmp_path_factory.mktemp("m30k_raw")
+    rng = random.Random(0)
+    for name, n in (("train", 240), ("val", 30), ("test_2016_flickr", 25)):
+        src, tgt = _toy_pairs(rng, n)
+        for lang, lines in (("de", src), ("en", tgt)):
+            with gzip.open(d / f"{name}.{lang}.gz", "wt", encoding="utf-8") as f:
+                f.write("".join(x + "\n" for x in lines))
+    return d
+
+
+@pytest.fixture(scope="module")
+def noisy_bin(multi30k_raw, tmp_path_factory):
+    out = tmp_path_factory.mktemp("m30k_bin") / "noisy"
+    p = sh([SCRIPTS / "prepare_multi30k.sh", "--vocab", "60", "--meta-size", "20", "--seed", "3", "--noise",
+            "misaligned", "--noise-rate", "0.3", "--out", out], env={"MULTI30K_DIR": str(multi30k_raw)})
+    return out, p
+
+
+# ---------------------------------------------------------------------------------------------- help / errors
+@pytest.mark.parametrize("script", ["prepare_multi30k.sh", "prepare_iwslt14.sh", "train_translation.sh",
+                                    "eval_bleu.sh", "run_multi30k_benchmark.sh", "analyze_weights.py",
+                                    "mt_helpers.py", "benchmark_report.py"])
+def test_help(script):
+    cmd = [SCRIPTS / script, "--help"] if script.endswith(".sh") else [sys.executable, SCRIPTS / script, "--help"]
+    p = sh(cmd)
+    assert "usage" in p.stdout.lower() and len(p.stdout) > 200
+
+
+def test_clear_errors_on_missing_input(tmp_path):
+    p = sh([SCRIPTS / "prepare_multi30k.sh", "--out", tmp_path / "x"], env={"MULTI30K_DIR": str(tmp_path)},
+           check=False)
+    assert p.returncode == 2 and "MULTI30K_DIR" in p.stderr and "lacks" in p.stderr
+    p = sh([SCRIPTS / "prepare_iwslt14.sh", "--raw-dir", tmp_path, "--out", tmp_path / "y"], check=False)
+    assert p.returncode == 2 and "neither de-en/ nor de-en.tgz" in p.stderr
+    p = sh([SCRIPTS / "train_translation.sh", "deep", tmp_path / "nope", tmp_path / "ck"], check=False)
+    assert p.returncode == 2 and "not found" in p.stderr
+    p = sh([SCRIPTS / "train_translation.sh", "best", tmp_path, tmp_path / "ck"], check=False)
+    assert p.returncode == 2 and "METHOD must be" in p.stderr
+    p = sh([SCRIPTS / "eval_bleu.sh", tmp_path, tmp_path / "missing.pt"], check=False)
+    assert p.returncode == 2 and "checkpoint" in p.stderr and "not found" in p.stderr
+    p = sh([sys.executable, SCRIPTS / "analyze_weights.py", "--weights", tmp_path / "w.tsv", "--flags",
+            tmp_path / "f"], check=False)
+    assert p.returncode == 2 and "not found" in p.stderr
+    p = sh([SCRIPTS / "prepare_multi30k.sh", "--noise", "misaligned"], check=False)
+    assert p.returncode == 2 and "--noise-rate" in p.stderr
+
+
+# ---------------------------------------------------------------------------------------------- prepare_multi30k.sh
+def test_prepare_multi30k(noisy_bin, multi30k_raw):
+    from fairseq.data import Dictionary, data_utils
+
+    out, p = noisy_bin
+    assert "meta hold-out" in p.stderr and "fairseq-preprocess" in p.stderr  # progress output
+    for split in ("train", "valid", "test", "meta"):
+        for lang in ("de", "en"):
+            assert (out / f"{split}.de-en.{lang}.bin").exists(), split
+    d = Dictionary.load(str(out / "dict.en.txt"))
+    sizes = {s: len(data_utils.load_indexed_dataset(str(out / f"{s}.de-en.en"), d)) for s in
+             ("train", "valid", "test", "meta")}
+    assert sizes == {"train": 220, "valid": 30, "test": 25, "meta": 20}
+    flags = [int(x) for x in (out / "train.flags").read_text().split()]
+    assert len(flags) == sizes["train"] and sum(flags) == round(0.3 * 220)
+
+    raw_de = gzip.open(multi30k_raw / "train.de.gz", "rt").read().splitlines()
+    raw_en = gzip.open(multi30k_raw / "train.en.gz", "rt").read().splitlines()
+    train_ids = [int(x) for x in (out / "text" / "train.orig_ids").read_text().split()]
+    meta_ids = [int(x) for x in (out / "text" / "meta.orig_ids").read_text().split()]
+    assert not set(train_ids) & set(meta_ids) and len(set(train_ids) | set(meta_ids)) == 240
+    # the meta split is clean: its pairs are the raw pairs
+    meta_en = (out / "text" / "meta.en").read_text().splitlines()
+    assert meta_en == [raw_en[i] for i in meta_ids]
+    # flags line i <-> binarized train sentence i: corrupted iff its target is not its own translation
+    train_de = (out / "text" / "train.de").read_text().splitlines()
+    train_en = (out / "text" / "train.en").read_text().splitlines()
+    assert train_de == [raw_de[i] for i in train_ids]
+    for i, f in enumerate(flags):
+        assert (train_en[i] != raw_en[train_ids[i]]) == bool(f)
+    # the binarized train targets are the (noisy) text, in order
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(out / "spm.model"))
+    ds = data_utils.load_indexed_dataset(str(out / "train.de-en.en"), d)
+    for i in (0, 7, 100, 219):
+        assert sp.decode_pieces(d.string(ds[i]).split()) == train_en[i]
+    assert (out / "ref" / "test.en").read_text().splitlines() == \
+        gzip.open(multi30k_raw / "test_2016_flickr.en.gz", "rt").read().splitlines()
+    info = json.loads((out / "prepare.json").read_text())
+    assert info["corrupted"] == sum(flags) and info["sizes"]["meta"] == 20
+
+    # re-running skips the finished steps; other options on the same folder are refused
+    p2 = sh([SCRIPTS / "prepare_multi30k.sh", "--vocab", "60", "--meta-size", "20", "--seed", "3", "--noise",
+             "misaligned", "--noise-rate", "0.3", "--out", out], env={"MULTI30K_DIR": str(multi30k_raw)})
+    assert p2.stderr.count("skipped") >= 4 and "fairseq-preprocess: train" not in p2.stderr
+    p3 = sh([SCRIPTS / "prepare_multi30k.sh", "--vocab", "60", "--meta-size", "21", "--seed", "3", "--out", out],
+            env={"MULTI30K_DIR": str(multi30k_raw)}, check=False)
+    assert p3.returncode == 2 and "other options" in p3.stderr
+
+
+def test_prepare_multi30k_en_de_direction(multi30k_raw, tmp_path):
+    out = tmp_path / "ende"
+    sh([SCRIPTS / "prepare_multi30k.sh", "--src", "en", "--tgt", "de", "--vocab", "60", "--meta-size", "10",
+        "--raw-dir", multi30k_raw, "--out", out])
+    assert (out / "train.en-de.de.idx").exists() and (out / "meta.en-de.en.idx").exists()
+    assert (out / "ref" / "test.de").exists()
+    assert set((out / "train.flags").read_text().split()) == {"0"}
+
+
+# ---------------------------------------------------------------------------------------------- prepare_iwslt14.sh
+def _write_iwslt_standin(orig: Path, rng):
+    orig.mkdir(parents=True)
+    src, tgt = _toy_pairs(rng, 60)
+    header = {"de": ["<url>http://www.ted.com/talks/x.html</url>", "<keywords>talks, de</keywords>",
+                     "<talkid>1</talkid>", "<title>Titel eins</title>", "<description>Beschreibung</description>"],
+              "en": ["<url>http://www.ted.com/talks/x.html</url>", "<keywords>talks, en</keywords>",
+                     "<talkid>1</talkid>", "<title>Title one</title>", "<description>Description</description>"]}
+    for lang, lines in (("de", src), ("en", tgt)):
+        (orig / f"train.tags.de-en.{lang}").write_text("\n".join(header[lang] + lines[:30] + header[lang] + lines[30:])
+                                                      + "\n")
+    for k, name in enumerate(("IWSLT14.TED.dev2010", "IWSLT14.TEDX.dev2012", "IWSLT14.TED.tst2010",
+                              "IWSLT14.TED.tst2011", "IWSLT14.TED.tst2012")):
+        s, t = _toy_pairs(rng, 3 + k)
+        for lang, lines in (("de", s), ("en", t)):
+            segs = "\n".join(f'<seg id="{i + 1}"> {x.replace("a1 ", "a1’s ")} </seg>' for i, x in enumerate(lines))
+            (orig / f"{name}.de-en.{lang}.xml").write_text(
+                f'<?xml version="1.0" encoding="UTF-8"?>\n<mteval>\n<srcset setid="x" srclang="{lang}">\n'
+                f'<doc docid="1" genre="lectures">\n<url>u</url>\n<talkid>1</talkid>\n{segs}\n</doc>\n</srcset>\n</mteval>\n')
+
+
+def test_iwslt_text_helpers(tmp_path):
+    h = helpers()
+    f = tmp_path / "x.xml"
+    f.write_text('<doc>\n<seg id="1"> Das ist’s. </seg>\n<talkid>3</talkid>\n<seg id="2">Zwei</seg>\n</doc>\n')
+    assert h.iwslt_xml_lines(f) == ["Das ist's.", "Zwei"]
+    t = tmp_path / "train.tags"
+    t.write_text("<url>u</url>\n<title>A title</title>\nplain line\n<keywords>k</keywords>\n<talkid>2</talkid>\n")
+    assert h.iwslt_train_lines(t) == ["A title", "plain line"]
+    s, tt = h.clean_pairs(["a b", "a b c d", "", "x"], ["c d", "e", "f", "y " * 3], ratio=1.5)
+    assert (s, tt) == (["a b"], ["c d"])
+
+
+def test_prepare_iwslt14_offline(tmp_path):
+    raw = tmp_path / "raw"
+    _write_iwslt_standin(raw / "de-en", random.Random(1))
+    out = tmp_path / "bin"
+    p = sh([SCRIPTS / "prepare_iwslt14.sh", "--raw-dir", raw, "--vocab", "60", "--meta-size", "5", "--noise",
+            "copy", "--noise-rate", "0.2", "--workers", "1", "--out", out])
+    assert "[iwslt]" in p.stderr and "fairseq-preprocess" in p.stderr
+    info = json.loads((out / "prepare.json").read_text())
+    # 60 pairs + 2x2 title/description lines per side = 64; every 23rd is valid (2), 5 go to meta
+    assert info["sizes"] == {"train": 64 - 2 - 5, "valid": 2, "test": 3 + 4 + 5 + 6 + 7, "meta": 5}
+    txt = (out / "text" / "raw" / "train.en").read_text()
+    assert "<url>" not in txt and "<title>" not in txt and "Title one" in txt
+    test_de = (out / "ref" / "test.de").read_text()
+    assert "<seg" not in test_de and "’" not in test_de
+    assert sum(int(x) for x in (out / "train.flags").read_text().split()) == round(0.2 * 57)
+    for split in ("train", "valid", "test", "meta"):
+        assert (out / f"{split}.de-en.de.idx").exists()
+
+
+# ---------------------------------------------------------------------------------------------- train_translation.sh
+def test_train_translation_command(noisy_bin, tmp_path):
+    data, _ = noisy_bin
+
+    def cmd(method, *extra):
+        return sh([SCRIPTS / "train_translation.sh", method, data, tmp_path / "ck", "--dry-run", *extra]).stdout.split()
+
+    deep = cmd("deep", "--seed", "4", "--max-tokens", "77")
+    assert deep[0] == "fairseq-train" and "--cpu" in deep and "--no-epoch-checkpoints" in deep
+    assert deep[deep.index("--reweight-method") + 1] == "deep"
+    assert deep[deep.index("--teacher-lr") + 1] == "1e-3" and deep[deep.index("--meta-subset") + 1] == "meta"
+    assert deep[deep.index("--seed") + 1] == "4"
+    assert deep[deep.index("--dump-weights") + 1] == str(tmp_path / "ck" / "weights.tsv")
+    assert deep[-2:] == ["--max-tokens", "77"]  # extra arguments come last and override the preset
+    for m in ("none", "l2rw"):
+        c = cmd(m)
+        assert "--teacher-lr" not in c and "--dump-weights" in c
+    assert "--meta-subset" not in cmd("none")
+    assert "--teacher-lr" in cmd("mwnet")
+    gpu = cmd("none", "--gpu", "--max-update", "9")
+    assert "--cpu" not in gpu and gpu[gpu.index("--max-update", gpu.index("--max-update") + 1) + 1] == "9"
+    iw = cmd("none", "--preset", "iwslt")
+    assert iw[iw.index("--arch") + 1] == "transformer_iwslt_de_en" and "--cpu" not in iw
+    no_meta = tmp_path / "nometa"
+    no_meta.mkdir()
+    for f in data.glob("*"):
+        if f.is_file() and not f.name.startswith("meta."):
+            os.symlink(f, no_meta / f.name)
+    p = sh([SCRIPTS / "train_translation.sh", "deep", no_meta, tmp_path / "ck"], check=False)
+    assert p.returncode == 2 and "meta split" in p.stderr
+
+
+TINY_MODEL = ["--encoder-embed-dim", "16", "--decoder-embed-dim", "16", "--encoder-ffn-embed-dim", "32",
+              "--decoder-ffn-embed-dim", "32", "--encoder-layers", "1", "--decoder-layers", "1",
+              "--encoder-attention-heads", "2", "--decoder-attention-heads", "2", "--max-tokens", "300",
+              "--log-interval", "1"]
+
+
+def test_train_eval_analyze_end_to_end(noisy_bin, tmp_path):
+    """train_translation.sh (deep, 3 updates) -> eval_bleu.sh -> analyze_weights.py on the tiny data-bin."""
+    data, _ = noisy_bin
+    ck = tmp_path / "deep"
+    sh([SCRIPTS / "train_translation.sh", "deep", data, ck, "--max-update", "3", *TINY_MODEL])
+    assert (ck / "checkpoint_last.pt").exists() and "done training" in (ck / "train.log").read_text()
+    p = sh([SCRIPTS / "eval_bleu.sh", data, ck / "checkpoint_last.pt", "--max-len-b", "10", "--max-len-a", "0"])
+    assert "BLEU = " in p.stdout and "nrefs:1|case:mixed|eff:no|tok:13a" in p.stdout and "chrF = " in p.stdout
+    res = json.loads((ck / "bleu_test.json").read_text())
+    assert res["sentences"] == 25 and "bleu" in res and "chrf" in res
+    assert len((ck / "hyp_test.txt").read_text().splitlines()) == 25
+    p = sh([sys.executable, SCRIPTS / "analyze_weights.py", "--weights", ck / "weights.tsv", "--flags",
+            data / "train.flags", "--windows", "3"])
+    ana = json.loads((ck / "weights_analysis.json").read_text())
+    assert ana["updates"] == [0, 2] and ana["auc_all"] is not None and 0 <= ana["auc_all"] <= 1
+    assert (ck / "weights_hist.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------------------------- analyze_weights.py
+def test_analyze_weights_synthetic(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 100
+    flags = np.zeros(n, dtype=int)
+    flags[rng.choice(n, 30, replace=False)] = 1
+    (tmp_path / "train.flags").write_text("".join(f"{f}\n" for f in flags))
+    rows = ["update\tid\tweight\tloss"]
+    for u in range(40):
+        ids = rng.choice(n, 20, replace=False)
+        for i in ids:
+            if u < 20:
+                w = 1.0  # uniform: AUC 0.5
+            else:  # separated: every clean weight above every corrupted one -> AUC 1
+                w = 1.2 + 0.1 * rng.random() if flags[i] == 0 else 0.3 + 0.1 * rng.random()
+            rows.append(f"{u}\t{i}\t{w:.4f}\t{5.0 + flags[i]:.3f}")
+    rows.insert(200, "update\tid\tweight\tloss")  # a repeated header (resumed run)
+    rows.append(rows[-1].replace("\t1.", "\t9.") if "\t1." in rows[-1] else rows[-1])  # a repeated row
+    (tmp_path / "w.tsv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "ana"
+    p = sh([sys.executable, SCRIPTS / "analyze_weights.py", "--weights", tmp_path / "w.tsv", "--flags",
+            tmp_path / "train.flags", "--out-dir", out, "--windows", "4", "--bins", "20", "--last-frac", "0.25"])
+    res = json.loads((out / "weights_analysis.json").read_text())
+    assert res["rows"] == 800 and res["updates"] == [0, 39] and res["last_from_update"] == 30
+    assert [c["auc"] for c in res["curve"]] == [0.5, 0.5, 1.0, 1.0]
+    assert res["auc_last"] == 1.0 and res["auc_last_sentence_mean"] == 1.0
+    assert res["auc_last_neg_loss"] == 1.0  # the corrupted pairs have the higher loss here
+    assert abs(res["auc_all"] - 0.75) < 0.05
+    assert (out / "weights_hist.png").stat().st_size > 1000 and (out / "weights_auc.png").stat().st_size > 1000
+    assert "AUC (last 25%" in p.stdout
+
+    (tmp_path / "short.flags").write_text("0\n1\n")
+    p = sh([sys.executable, SCRIPTS / "analyze_weights.py", "--weights", tmp_path / "w.tsv", "--flags",
+            tmp_path / "short.flags", "--no-plots"], check=False)
+    assert p.returncode == 2 and "flags file has only 2 lines" in p.stderr
+
+
+# ---------------------------------------------------------------------------------------------- eval post-processing
+def test_score_generate_output(tmp_path):
+    import sentencepiece as spm
+
+    h = helpers()
+    rng = random.Random(2)
+    refs = [" ".join(f"Word{rng.randrange(30)}" for _ in range(rng.randint(3, 9))) + "." for _ in range(40)]
+    (tmp_path / "text").write_text("\n".join(refs) + "\n")
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "text"), model_prefix=str(tmp_path / "spm"), vocab_size=50,
+                                   hard_vocab_limit=False, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "spm.model"))
+    order = list(range(40))
+    rng.shuffle(order)  # fairseq-generate prints in batch (length) order
+    gen = []
+    for i in order:
+        pieces = " ".join(sp.encode(refs[i], out_type=str))
+        gen += [f"S-{i}\t{pieces}", f"T-{i}\t{pieces}", f"H-{i}\t-0.5\t{pieces}", f"D-{i}\t-0.5\t{refs[i]}",
+                f"P-{i}\t-0.1 -0.2", f"H-{i}\t-0.9\tsecond best"]
+    gen.append("2024-01-01 00:00:00 | INFO | fairseq_cli.generate | Translated 40 sentences")
+    (tmp_path / "gen.txt").write_text("\n".join(gen) + "\n")
+    (tmp_path / "ref.txt").write_text("\n".join(refs) + "\n")
+    assert h.order_hypotheses(h.parse_generate(gen), 40) == [" ".join(sp.encode(r, out_type=str)) for r in refs]
+
+    p = sh([sys.executable, SCRIPTS / "mt_helpers.py", "score", "--gen", tmp_path / "gen.txt", "--ref",
+            tmp_path / "ref.txt", "--spm", tmp_path / "spm.model", "--hyp-out", tmp_path / "hyp.txt", "--json",
+            tmp_path / "s.json"])
+    res = json.loads((tmp_path / "s.json").read_text())
+    assert res["bleu"] == 100.0 and res["chrf"] == 100.0 and res["bleu_signature"].startswith("nrefs:1|case:mixed")
+    assert (tmp_path / "hyp.txt").read_text().splitlines() == refs
+    assert "BLEU = 100.00" in p.stdout
+
+    # one hypothesis wrong -> below 100; a missing one -> clear error
+    bad = [x if not x.startswith("H-3\t-0.5") else "H-3\t-0.5\t▁nonsense" for x in gen]
+    (tmp_path / "gen2.txt").write_text("\n".join(bad) + "\n")
+    sh([sys.executable, SCRIPTS / "mt_helpers.py", "score", "--gen", tmp_path / "gen2.txt", "--ref",
+        tmp_path / "ref.txt", "--spm", tmp_path / "spm.model", "--json", tmp_path / "s2.json"])
+    assert json.loads((tmp_path / "s2.json").read_text())["bleu"] < 100
+    (tmp_path / "gen3.txt").write_text("\n".join(x for x in gen if not x.startswith("H-5\t")) + "\n")
+    p = sh([sys.executable, SCRIPTS / "mt_helpers.py", "score", "--gen", tmp_path / "gen3.txt", "--ref",
+            tmp_path / "ref.txt"], check=False)
+    assert p.returncode == 2 and "no hypothesis for 1 of 40" in p.stderr
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+def test_benchmark_report_and_dry_run(tmp_path):
+    runs = tmp_path / "runs"
+    bleu = {("clean", "none"): [30.0, 31.0], ("clean", "deep"): [30.5, 31.5], ("noisy", "none"): [20.0, 22.0],
+            ("noisy", "deep"): [25.0, None]}
+    for (c, m), vals in bleu.items():
+        for s, v in zip((1, 2), vals):
+            d = runs / c / m / f"seed{s}"
+            d.mkdir(parents=True)
+            log = [f"2024-01-01 00:00:{10 + k * (4 if m == 'deep' else 2):02d} | INFO | train_inner | epoch 001:"
+                   f"  {k * 5} / 99 loss=1, num_updates={k * 5}, lr=0.001" for k in range(1, 6)]
+            (d / "train.log").write_text("\n".join(log) + "\n")
+            if v is None:
+                continue
+            (d / "bleu_test.json").write_text(json.dumps({"bleu": v, "chrf": 50.0, "bleu_signature": "SIG",
+                                                          "chrf_signature": "CSIG"}))
+            if c == "noisy":
+                (d / "weights_analysis.json").write_text(json.dumps({
+                    "auc_last": 0.9 if m == "deep" else 0.5, "auc_last_sentence_mean": 0.95, "auc_last_neg_loss": 0.7,
+                    "mean_w_clean_last": 1.1, "mean_w_corrupted_last": 0.6,
+                    "curve": [{"update_from": 0, "update_to": 9, "auc": 0.6}]}))
+    res = tmp_path / "res"
+    sh([sys.executable, SCRIPTS / "benchmark_report.py", "--runs-dir", runs, "--results-dir", res,
+        "--methods", "none deep", "--seeds", "1 2"])
+    md = (res / "RESULTS.md").read_text()
+    assert "| none | 30.50 ± 0.71 (30.00, 31.00) | 21.00 ± 1.41 (20.00, 22.00) |" in md
+    assert "| deep | 31.00 ± 0.71 (30.50, 31.50) | 25.00 [1 missing] |" in md
+    assert "sacrebleu signature: `SIG`" in md and "noisy/deep/seed2" in md
+    assert "| deep | 0.900 ± 0.000 (0.900, 0.900)" in md
+    assert "| none | 0.400 | 1.00× | 0.400 | 1.00× |" in md and "| deep | 0.800 | 2.00× | 0.800 | 2.00× |" in md
+    assert (res / "weights_auc_all.png").exists()
+
+    p = sh([SCRIPTS / "run_multi30k_benchmark.sh", "--dry-run", "--runs-dir", runs, "--seeds", "1 2 3"])
+    lines = [x for x in p.stdout.splitlines() if x.startswith(("todo", "done"))]
+    assert len(lines) == 24 and all(x.startswith("todo") for x in lines)
