@@ -120,8 +120,6 @@ def test_clear_errors(tiny_data, tmp_path, extra, message):
     if "--reweight-method" in extra:
         i = cmd.index("--reweight-method")
         del cmd[i:i + 2]
-        i = cmd.index("--teacher-lr")
-        del cmd[i:i + 2]
     p = run(cmd + extra, check=False)
     assert p.returncode != 0
     assert message in p.stdout, p.stdout[-2000:]
