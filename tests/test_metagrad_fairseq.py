@@ -128,3 +128,17 @@ def test_teacher_states_for_any_decoder(tiny_data, arch):
     # per-sentence losses add up to fairseq's own label-smoothed loss
     loss, _, _ = criterion(model, sample)
     assert torch.allclose(out.loss.sum(), loss, rtol=1e-5)
+
+
+def test_meta_iterator_position_survives_state_dict(tiny_data):
+    cfg, task, model, criterion = build(tiny_data, extra=("--meta-batch-size", "16"))
+    cpu = torch.device("cpu")
+    for _ in range(5):  # 60 meta pairs / 16 per batch: this crosses a meta epoch
+        task._next_meta_batch(model, cpu)
+    state = task.state_dict()
+    expected = [task._next_meta_batch(model, cpu)["id"].tolist() for _ in range(3)]
+    _, task2, _, _ = build(tiny_data, extra=("--meta-batch-size", "16"))
+    task2.load_state_dict(state)
+    got = [task2._next_meta_batch(model, cpu)["id"].tolist() for _ in range(3)]
+    assert got == expected
+    assert state["meta_iterator"]["epoch"] >= 2
