@@ -23,7 +23,7 @@ from omegaconf import II
 from torch import nn
 from torch.func import functional_call
 
-from .core import METHODS, Reweighter, WeightDumper, capture_rng, fixed_rng, weight_gradient, weight_stats
+from .core import METHODS, Reweighter, parse_states_spec, WeightDumper, capture_rng, fixed_rng, weight_gradient, weight_stats
 
 logger = logging.getLogger(__name__)
 
@@ -184,20 +184,7 @@ class ReweightedTranslationTask(TranslationTask):
     def _resolve_layers(self, criterion, model, sample) -> List[int]:
         if self._layers is None:
             n = criterion.num_decoder_layers(model, sample)
-            spec = self.cfg.teacher_states.strip()
-            if spec == "last":
-                self._layers = [n - 1]
-            elif spec == "all":
-                self._layers = list(range(n))
-            else:
-                try:
-                    idx = [int(t) for t in spec.split(",")]
-                except ValueError:
-                    raise ValueError(f"--teacher-states {spec!r}: use last, all, or 1-based layer indices like 1,3")
-                bad = [i for i in idx if not 1 <= i <= n]
-                if bad:
-                    raise ValueError(f"--teacher-states {spec!r}: this decoder exposes layers 1..{n}, not {bad}")
-                self._layers = [i - 1 for i in idx]
+            self._layers = parse_states_spec(self.cfg.teacher_states, n, "decoder layers")
             logger.info(f"deep teacher sees decoder layers {[i + 1 for i in self._layers]} of {n}")
         return self._layers
 

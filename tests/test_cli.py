@@ -113,7 +113,7 @@ def test_finetune_plain_translation_checkpoint(tiny_data, tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--meta-subset", "nosuch"], "needs a clean meta split 'nosuch'"),
     (["--reweight-method", "l2rw", "--teacher-lr", "0.1"], "--teacher-lr has no effect"),
-    (["--teacher-states", "5"], "exposes layers 1..2"),
+    (["--teacher-states", "5"], "exposes decoder layers 1..2"),
 ])
 def test_clear_errors(tiny_data, tmp_path, extra, message):
     cmd = train_cmd(tiny_data, tmp_path / "ck", "deep", max_update=2)

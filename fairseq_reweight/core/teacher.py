@@ -7,8 +7,28 @@ weights, which :func:`fairseq_reweight.core.weights.normalize` turns into batch-
 weights.
 """
 
+from typing import List
+
 import torch
 from torch import nn
+
+
+def parse_states_spec(spec: str, num_states: int, what: str = "layers") -> List[int]:
+    """``--teacher-states``: ``last``, ``all`` or 1-based indices like ``1,3`` -> 0-based indices
+    into the ``num_states`` internal states a student exposes (decoder layers, network stages)."""
+    spec = spec.strip()
+    if spec == "last":
+        return [num_states - 1]
+    if spec == "all":
+        return list(range(num_states))
+    try:
+        idx = [int(t) for t in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--teacher-states {spec!r}: use last, all, or 1-based {what} like 1,3") from None
+    bad = [i for i in idx if not 1 <= i <= num_states]
+    if bad:
+        raise ValueError(f"--teacher-states {spec!r}: this student exposes {what} 1..{num_states}, not {bad}")
+    return [i - 1 for i in idx]
 
 
 class RunningNorm(nn.Module):

@@ -41,10 +41,12 @@ DATASETS = {
     # normalisation of MW-Net (CIFAR-10) and of the WRN code (CIFAR-100)
     "cifar10": DatasetInfo("CIFAR10_DIR", "data/cifar-10-batches-py", 10, (0.4914, 0.4824, 0.4467),
                            (0.2471, 0.2435, 0.2616), True,
-                           "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
+                           "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                           "c58f30108f718f92721af3b95e74349a"),
     "cifar100": DatasetInfo("CIFAR100_DIR", "data/cifar-100-python", 100, (0.5071, 0.4865, 0.4409),
                             (0.2673, 0.2564, 0.2762), True,
-                            "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
+                            "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                            "eb9058c3a382ffc7106e4002c42a8d85"),
     # clothes are left-right symmetric classes (a mirrored sneaker is still a sneaker)
     "fashion-mnist": DatasetInfo("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist", 10, (0.2860,), (0.3530,),
                                  True),
@@ -81,8 +83,8 @@ class ImageData:
 def _fix_hint(name: str, info: DatasetInfo) -> str:
     if name == "fashion-mnist":
         return ("install it with `apt-get install dataset-fashion-mnist` (IDX files in "
-                f"{info.default}), or point --data-dir / ${info.env} at a directory with {', '.join(FASHION_FILES.values())} "
-                "(optionally .gz)")
+                f"{info.default}), or point --data-dir / ${info.env} at a directory with "
+                f"{', '.join(FASHION_FILES.values())} (optionally .gz)")
     sub = Path(info.default).name
     return (f"point --data-dir / ${info.env} at the extracted '{sub}' directory of {info.url}, "
             "or add --download to fetch it (needs a network)")
@@ -207,7 +209,8 @@ def load_fashion_mnist(root: Path) -> ImageData:
     for split in ("train", "test"):
         x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-            raise DataError(f"fashion-mnist {split}: expected images [N, H, W] and N labels, got {x.shape} and {y.shape}")
+            raise DataError(f"fashion-mnist {split}: expected images [N, H, W] and N labels, "
+                            f"got {x.shape} and {y.shape}")
         if len(y) and y.max() >= info.num_classes:
             raise DataError(f"fashion-mnist {split}: labels must be in 0..9")
     return ImageData("fashion-mnist", arrays["train_x"][:, None].copy(), arrays["train_y"].astype(np.int64),

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..core import MetaGrad, capture_rng, fixed_rng, weight_gradient
+from ..core import MetaGrad, capture_rng, fixed_rng, parse_states_spec, weight_gradient
 
 
 class StudentOutput(NamedTuple):
@@ -34,19 +34,7 @@ class StudentOutput(NamedTuple):
 
 def parse_teacher_states(spec: str, num_states: int) -> List[int]:
     """``last``, ``all`` or 1-based indices like ``1,3`` -> 0-based state indices."""
-    spec = spec.strip()
-    if spec == "last":
-        return [num_states - 1]
-    if spec == "all":
-        return list(range(num_states))
-    try:
-        idx = [int(t) for t in spec.split(",")]
-    except ValueError:
-        raise ValueError(f"--teacher-states {spec!r}: use last, all, or 1-based stage indices like 1,3") from None
-    bad = [i for i in idx if not 1 <= i <= num_states]
-    if bad:
-        raise ValueError(f"--teacher-states {spec!r}: the student exposes states 1..{num_states}, not {bad}")
-    return [i - 1 for i in idx]
+    return parse_states_spec(spec, num_states, "stages")
 
 
 def forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, states: bool) -> StudentOutput:

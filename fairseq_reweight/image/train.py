@@ -71,6 +71,7 @@ class TrainConfig:
     teacher_lr: Optional[float] = None
     teacher_hidden: int = 100
     teacher_states: str = "last"
+    teacher_progress_horizon: int = 0  # updates that count as progress 1.0 (0: all the run's updates)
     reset_teacher: bool = False
     # run
     save_dir: str = "runs/image"
@@ -103,6 +104,8 @@ def check_config(cfg: TrainConfig) -> None:
     if m != "none" and cfg.meta_size <= 0:
         raise ValueError(f"--reweight-method {m} needs a clean meta set: --meta-size must be > 0")
     check_rate(cfg.noise_rate)
+    if cfg.crop_pad < 0:
+        raise ValueError(f"--crop-pad must be >= 0, got {cfg.crop_pad}")
     for name in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -223,7 +226,7 @@ class Trainer:
         lr = lr_at(cfg, self.epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total = cfg.epochs * self.iters_per_epoch
+        total = cfg.teacher_progress_horizon or cfg.epochs * self.iters_per_epoch
         perm = torch.randperm(len(self.train_ids), generator=self.gen_train)
         sums: Dict[str, float] = {}
         weights, flags = [], []
