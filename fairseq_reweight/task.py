@@ -23,7 +23,10 @@ from omegaconf import II
 from torch import nn
 from torch.func import functional_call
 
-from .core import METHODS, Reweighter, parse_states_spec, WeightDumper, capture_rng, fixed_rng, weight_gradient, weight_stats
+from .core import (
+    METHODS, Reweighter, WeightDumper, capture_rng, check_flags, fixed_rng, parse_states_spec, weight_gradient,
+    weight_stats,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +104,8 @@ class ReweightedTranslationTask(TranslationTask):
 
     def __init__(self, cfg: ReweightedTranslationConfig, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
-        self._check_flags(cfg)
+        check_flags(cfg.reweight_method, cfg.teacher_lr, cfg.meta_interval, cfg.teacher_states, cfg.meta_grad,
+                    cfg.meta_fd_eps)
         self.reweighter = Reweighter(
             cfg.reweight_method,
             meta_interval=cfg.meta_interval,
@@ -117,21 +121,6 @@ class ReweightedTranslationTask(TranslationTask):
         self._meta_itr_state = None
         self._dumper: Optional[WeightDumper] = None
         self._restored = False
-
-    @staticmethod
-    def _check_flags(cfg):
-        m = cfg.reweight_method
-        if m in ("none", "l2rw") and cfg.teacher_lr is not None:
-            raise ValueError(f"--teacher-lr has no effect with --reweight-method {m} (no teacher): drop it, "
-                             "or use --reweight-method mwnet/deep")
-        if m == "l2rw" and cfg.meta_interval != 1:
-            raise ValueError("l2rw computes weights from the meta-gradient at every update: drop --meta-interval")
-        if cfg.meta_interval < 1:
-            raise ValueError(f"--meta-interval must be >= 1, got {cfg.meta_interval}")
-        if m != "deep" and cfg.teacher_states != "last":
-            raise ValueError(f"--teacher-states only applies to --reweight-method deep, not {m}")
-        if cfg.meta_fd_eps <= 0:
-            raise ValueError(f"--meta-fd-eps must be > 0, got {cfg.meta_fd_eps}")
 
     # ------------------------------------------------------------------ meta data
     def begin_epoch(self, epoch, model):

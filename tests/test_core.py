@@ -1,7 +1,5 @@
 """The framework-agnostic core on a small pure-torch student (no fairseq)."""
 
-import math
-
 import pytest
 import torch
 from torch import nn

@@ -34,6 +34,27 @@ from .weights import l2rw_weights, normalize
 METHODS = ("none", "l2rw", "mwnet", "deep")
 
 
+def check_flags(method: str, teacher_lr, meta_interval: int, teacher_states: str, meta_grad: str,
+                meta_fd_eps: float) -> None:
+    """Reject flag combinations that would be silently ignored (same rules for NMT and images)."""
+    m = str(method)
+    if m not in METHODS:
+        raise ValueError(f"unknown --reweight-method {m!r}; choose one of {', '.join(METHODS)}")
+    if m in ("none", "l2rw") and teacher_lr is not None:
+        raise ValueError(f"--teacher-lr has no effect with --reweight-method {m} (no teacher): drop it, "
+                         "or use --reweight-method mwnet/deep")
+    if m == "l2rw" and meta_interval != 1:
+        raise ValueError("l2rw computes weights from the meta-gradient at every update: drop --meta-interval")
+    if meta_interval < 1:
+        raise ValueError(f"--meta-interval must be >= 1, got {meta_interval}")
+    if m != "deep" and teacher_states != "last":
+        raise ValueError(f"--teacher-states only applies to --reweight-method deep, not {m}")
+    if str(meta_grad) not in ("exact", "fast"):
+        raise ValueError(f"--meta-grad must be exact or fast, got {meta_grad!r}")
+    if meta_fd_eps <= 0:
+        raise ValueError(f"--meta-fd-eps must be > 0, got {meta_fd_eps}")
+
+
 class Reweighter:
     def __init__(
         self,

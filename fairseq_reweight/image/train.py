@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..core import METHODS, Reweighter, WeightDumper, auc, capture_rng, weight_stats
+from ..core import Reweighter, WeightDumper, auc, capture_rng, check_flags, weight_stats
 from . import student
 from .augment import Augment
 from .data import load_dataset
@@ -86,21 +86,7 @@ class TrainConfig:
 
 def check_config(cfg: TrainConfig) -> None:
     m = cfg.reweight_method
-    if m not in METHODS:
-        raise ValueError(f"unknown --reweight-method {m!r}; choose one of {', '.join(METHODS)}")
-    if m in ("none", "l2rw") and cfg.teacher_lr is not None:
-        raise ValueError(f"--teacher-lr has no effect with --reweight-method {m} (no teacher): drop it, "
-                         "or use --reweight-method mwnet/deep")
-    if m == "l2rw" and cfg.meta_interval != 1:
-        raise ValueError("l2rw computes weights from the meta-gradient at every update: drop --meta-interval")
-    if cfg.meta_interval < 1:
-        raise ValueError(f"--meta-interval must be >= 1, got {cfg.meta_interval}")
-    if m != "deep" and cfg.teacher_states != "last":
-        raise ValueError(f"--teacher-states only applies to --reweight-method deep, not {m}")
-    if cfg.meta_grad not in ("exact", "fast"):
-        raise ValueError(f"--meta-grad must be exact or fast, got {cfg.meta_grad!r}")
-    if cfg.meta_fd_eps <= 0:
-        raise ValueError(f"--meta-fd-eps must be > 0, got {cfg.meta_fd_eps}")
+    check_flags(m, cfg.teacher_lr, cfg.meta_interval, cfg.teacher_states, cfg.meta_grad, cfg.meta_fd_eps)
     if m != "none" and cfg.meta_size <= 0:
         raise ValueError(f"--reweight-method {m} needs a clean meta set: --meta-size must be > 0")
     check_rate(cfg.noise_rate)
