@@ -177,3 +177,19 @@ def test_weight_dumper(tmp_path):
     d.close()
     lines = (tmp_path / "w.tsv").read_text().splitlines()
     assert lines == ["update\tid\tweight\tloss", "3\t5\t0.5\t2", "3\t7\t1.5\t1"]
+
+
+def test_teacher_update_ignores_meta_gradient_scale():
+    """A learning-rate decay rescales the meta-gradient; the teacher's steps must not shrink with it."""
+    torch.manual_seed(0)
+    feats = torch.randn(8, 3)
+    direction = torch.randn(8)
+    teachers = []
+    for scales in ([1.0] * 6, [1.0, 1.0, 1.0, 1e-3, 1e-3, 1e-3]):
+        rw = Reweighter("deep", teacher_lr=1e-2)
+        torch.manual_seed(1)
+        for step, s in enumerate(scales):
+            rw.weights(step, feats, lambda w, s=s: MetaGrad(s * direction, torch.tensor(1.0)))
+        teachers.append(rw.teacher)
+    for a, b in zip(teachers[0].parameters(), teachers[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -21,6 +21,12 @@ Teacher update (mwnet/deep, every ``meta_interval`` steps): ``w = normalize(teac
 meta-gradient ``dL_meta/dw`` at that ``w`` is back-propagated through the normalisation and the
 teacher, then one Adam step; the weights returned are recomputed with the updated teacher.
 A non-finite meta-gradient or meta loss skips the teacher update (counted in ``info``).
+
+The meta-gradient is rescaled to unit RMS over the batch before it reaches the teacher. Its scale
+is proportional to the look-ahead step (the student's learning rate) and to the gradient norms,
+both of which change by orders of magnitude over a schedule (warm-up, decays); Adam's second-moment
+estimate lags such changes by ~1/(1-beta2) steps, which would all but freeze the teacher after an lr
+decay. The direction, which is what ranks the examples, is unchanged.
 """
 
 from typing import Callable, Dict, Optional, Tuple
@@ -174,7 +180,7 @@ class Reweighter:
             mg = meta_grad_fn(w.detach())
             if self._count(info, mg):
                 self.optimizer.zero_grad(set_to_none=True)
-                w.backward(mg.grad_w.to(w.dtype))
+                w.backward(_unit_rms(mg.grad_w).to(w.dtype))
                 if self.grad_sync is not None:
                     self.grad_sync(teacher)
                 self.optimizer.step()
@@ -192,3 +198,8 @@ class Reweighter:
             self.meta_skipped += 1
             info["meta_skipped"] = 1.0
         return ok
+
+
+def _unit_rms(g: torch.Tensor) -> torch.Tensor:
+    rms = g.float().pow(2).mean().sqrt()
+    return g / rms if rms > 0 else g
