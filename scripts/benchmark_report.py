@@ -10,7 +10,6 @@ are not counted). Missing runs are reported as missing, so a partial table can b
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import re
@@ -44,6 +43,17 @@ def seconds_per_update(log_path: Path):
         prev = (epoch, upd, t)
         last = upd
     return (dt / du if du else None), int(du), last
+
+
+_TRAIN_END = re.compile(r"\| INFO \| train \| epoch \d+ \|.*?\| num_updates (\d+)")
+
+
+def final_updates(log_path: Path):
+    """num_updates of the last end-of-epoch summary in train.log (None if there is none)."""
+    if not log_path.exists():
+        return None
+    found = _TRAIN_END.findall(log_path.read_text(encoding="utf-8", errors="replace"))
+    return int(found[-1]) if found else None
 
 
 def load_json(path: Path):
@@ -109,6 +119,8 @@ def main(argv=None):
     p.add_argument("--noise-rate", default="0.3")
     p.add_argument("--preset", default="tiny-cpu")
     p.add_argument("--max-update", default="?")
+    p.add_argument("--jobs", default="1")
+    p.add_argument("--threads", default="1")
     p.add_argument("--data-clean", default="")
     p.add_argument("--data-noisy", default="")
     p.add_argument("--command", default="scripts/run_multi30k_benchmark.sh")
@@ -131,7 +143,7 @@ def main(argv=None):
                 bleu = load_json(d / "bleu_test.json")
                 ana = load_json(d / "weights_analysis.json")
                 spu, timed, last = seconds_per_update(d / "train.log")
-                R[c, m, s] = {"dir": d, "bleu": bleu, "ana": ana, "spu": spu, "updates": last,
+                R[c, m, s] = {"dir": d, "bleu": bleu, "ana": ana, "spu": spu, "updates": final_updates(d / "train.log"),
                               "wall": (load_json(d / "train_time.json") or {}).get("wall_seconds")}
     done = sum(r["bleu"] is not None for r in R.values())
 
@@ -143,7 +155,8 @@ def main(argv=None):
              f"noisy condition: `{args.noise}` noise on {float(args.noise_rate):.0%} of the train pairs "
              f"(`scripts/prepare_multi30k.sh`). Test: test_2016_flickr (1000 sentences).")
     L.append(f"- Training: `scripts/train_translation.sh METHOD DATA SAVE --preset {args.preset} --seed S "
-             f"--max-update {args.max_update}`; the same preset, seeds and number of updates for every method.")
+             f"--max-update {args.max_update} --threads {args.threads}`; the same preset, seeds and number of updates "
+             f"for every method; {args.jobs} run(s) at a time.")
     L.append("- BLEU/chrF: `scripts/eval_bleu.sh` (beam 5, checkpoint_last.pt, sentencepiece-decoded, sacrebleu on "
              "detokenised text against the raw references). Cells: mean ± sample s.d. over seeds (per-seed values).")
     L.append("- Weight AUC: `scripts/analyze_weights.py`; AUC of the weight as a score for *clean* vs *corrupted* "
@@ -189,7 +202,9 @@ def main(argv=None):
 
     L.append("## Seconds per update\n")
     L.append("Wall-clock seconds per update from the timestamps of fairseq's log lines (validation and "
-             "checkpointing excluded), mean over seeds; the ratio is to `none` in the same condition.\n")
+             f"checkpointing excluded), mean over seeds; the ratio is to `none` in the same condition. "
+             f"{args.threads} CPU thread(s) per run, {args.jobs} run(s) at a time"
+             + (" (the seeds of one method side by side)." if int(args.jobs) > 1 else ".") + "\n")
     L.append("| method | " + " | ".join(f"{label[c]}: s/update | ratio" for c in conds) + " | train wall (min, mean) |")
     L.append("|---|" + "---|---|" * len(conds) + "---|")
     base = {c: mean_sd([R[c, "none", s]["spu"] for s in seeds])[0] if "none" in methods else None for c in conds}
@@ -197,8 +212,8 @@ def main(argv=None):
         cells = []
         for c in conds:
             spu = mean_sd([R[c, m, s]["spu"] for s in seeds])[0]
-            ratio = spu / base[c] if spu and base[c] else None
-            cells += [f"{spu:.3f}" if spu else "–", f"{ratio:.2f}×" if ratio else "–"]
+            ratio = spu / base[c] if spu is not None and base[c] else None
+            cells += [f"{spu:.3f}" if spu is not None else "–", f"{ratio:.2f}×" if ratio is not None else "–"]
         walls = [R[c, m, s]["wall"] for c in conds for s in seeds if R[c, m, s]["wall"]]
         wall = f"{statistics.mean(walls) / 60:.1f}" if walls else "–"
         L.append(f"| {m} | " + " | ".join(cells) + f" | {wall} |")
@@ -230,6 +245,12 @@ def main(argv=None):
     L.append("## Per-run files\n")
     L.append(f"Runs folder: `{runs}` (`CONDITION/METHOD/seedS/`: train.log, weights.tsv, bleu_test.json, "
              "hyp_test.txt, weights_analysis.json).")
+    if str(args.max_update).isdigit():
+        off = [f"{c}/{m}/seed{s} ({r['updates']})" for (c, m, s), r in R.items()
+               if r["bleu"] is not None and r["updates"] is not None and r["updates"] != int(args.max_update)]
+        if off:
+            L.append(f"\n**Warning:** these runs did not stop at --max-update {args.max_update} (a runs folder "
+                     f"reused with another budget?): {', '.join(off)}")
     missing = [f"{c}/{m}/seed{s}" for (c, m, s), r in R.items() if r["bleu"] is None]
     if missing:
         L.append(f"\nMissing (not finished yet): {', '.join(missing)}")

@@ -21,8 +21,11 @@ Options:
   --max-tokens N   generation batch size in tokens (default 4096)
   --out-dir DIR    where to write gen_S.txt, hyp_S.txt and bleu_S.json (default: the checkpoint's folder)
   --cpu            generate on the CPU (default: CPU unless a GPU is visible to torch)
+  --threads N      CPU threads (default: \$OMP_NUM_THREADS, else 1 on the CPU; see train_translation.sh)
   -h, --help       this help
-Any other argument is passed on to fairseq-generate.
+Any other argument is passed on to fairseq-generate. --required-batch-size-multiple 1 is always
+passed: with fairseq's default of 8, batch_by_size drops the last batch when its size is not a
+multiple of 8, and up to 7 test sentences would silently go untranslated (fairseq issue #5036).
 
 Prints the BLEU and chrF scores with the sacrebleu signatures, and writes them to OUT-DIR/bleu_S.json.
 EOF
@@ -34,7 +37,7 @@ for a in "$@"; do [[ "$a" == -h || "$a" == --help ]] && { usage; exit 0; }; done
 [[ $# -ge 2 ]] || { usage >&2; die "expected DATA-BIN CHECKPOINT"; }
 DATA="$1" CKPT="$2"
 shift 2
-SPLIT=test REF="" SPM="" BEAM=5 MAX_TOKENS=4096 OUT_DIR="" CPU=""
+SPLIT=test REF="" SPM="" BEAM=5 MAX_TOKENS=4096 OUT_DIR="" CPU="" THREADS="${OMP_NUM_THREADS:-}"
 EXTRA=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -45,6 +48,7 @@ while [[ $# -gt 0 ]]; do
         --max-tokens) MAX_TOKENS="${2:?--max-tokens needs a value}"; shift 2 ;;
         --out-dir) OUT_DIR="${2:?--out-dir needs a value}"; shift 2 ;;
         --cpu) CPU=1; shift ;;
+        --threads) THREADS="${2:?--threads needs a value}"; shift 2 ;;
         *) EXTRA+=("$1"); shift ;;
     esac
 done
@@ -74,11 +78,15 @@ if [[ -z "$CPU" ]] && ! python -c "import torch,sys; sys.exit(0 if torch.cuda.is
     CPU=1
 fi
 
+if [[ -n "$CPU" && -z "$THREADS" ]]; then THREADS=1; fi
+if [[ -n "$THREADS" ]]; then export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"; fi
+
 GEN="$OUT_DIR/gen_$SPLIT.txt" HYP="$OUT_DIR/hyp_$SPLIT.txt" JSON="$OUT_DIR/bleu_$SPLIT.json"
 echo "[eval] $CKPT on $DATA/$SPLIT ($SRC->$TGT), beam $BEAM -> $GEN" >&2
 start=$(date +%s)
 fairseq-generate "$DATA" --user-dir "$ROOT/fairseq_reweight" --path "$CKPT" --gen-subset "$SPLIT" \
     --source-lang "$SRC" --target-lang "$TGT" --beam "$BEAM" --max-tokens "$MAX_TOKENS" \
+    --required-batch-size-multiple 1 \
     ${CPU:+--cpu} "${EXTRA[@]}" > "$GEN.tmp" 2> "$OUT_DIR/gen_$SPLIT.log" \
     || { tail -20 "$OUT_DIR/gen_$SPLIT.log" >&2; die "fairseq-generate failed (log: $OUT_DIR/gen_$SPLIT.log)"; }
 mv "$GEN.tmp" "$GEN"

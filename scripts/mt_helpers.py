@@ -104,9 +104,9 @@ def build(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     text.mkdir(exist_ok=True)
 
-    options = {k: getattr(args, k) for k in ("src", "tgt", "vocab", "meta_size", "seed", "noise", "noise_rate", "bleu_tokenize",
+    options = {k: getattr(args, k) for k in ("src", "tgt", "vocab", "meta_size", "seed", "noise", "noise_rate",
                                              "noise_on", "token_rate", "token_side", "spm_model_type",
-                                             "character_coverage")}
+                                             "character_coverage", "bleu_tokenize")}
     options["spm_model"] = str(Path(args.spm_model).resolve()) if args.spm_model else None
     stamp = out / "prepare_options.json"
     if stamp.exists():
@@ -306,7 +306,6 @@ def iwslt_text(args) -> int:
     orig, out = Path(args.orig), Path(args.out)
     src, tgt = args.src, args.tgt
     pair = "de-en"
-    tok = None
     if args.tok == "moses":
         try:
             from sacremoses import MosesTokenizer
@@ -314,11 +313,11 @@ def iwslt_text(args) -> int:
             die("--tok moses needs sacremoses: pip install sacremoses (or use --tok spm)")
         toks = {lang: MosesTokenizer(lang=lang) for lang in (src, tgt)}
 
-        def tok(line, lang):
-            return toks[lang].tokenize(line, return_str=True, escape=True).lower()
-
-    def prep(lines, lang):
-        return [tok(x, lang) for x in lines] if tok else [" ".join(x.split()) for x in lines]
+        def prep(lines, lang):
+            return [toks[lang].tokenize(x, return_str=True, escape=True).lower() for x in lines]
+    else:
+        def prep(lines, lang):
+            return [" ".join(x.split()) for x in lines]
 
     train = {}
     for lang in (src, tgt):

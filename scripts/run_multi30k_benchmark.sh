@@ -20,7 +20,7 @@ train.log and bleu_test.json exist is skipped, so re-running the command picks u
 Options:
   --seeds "S1 S2 ..."    training seeds (default "1 2"; >= 2 gives mean +- spread)
   --methods "M ..."      subset of "none l2rw mwnet deep" (default all four)
-  --max-update N         updates per run (default 1200)
+  --max-update N         updates per run (default 800)
   --preset P             train_translation.sh preset (default tiny-cpu)
   --noise TYPE           noise of the noisy condition (default misaligned)
   --noise-rate R         (default 0.3)
@@ -28,11 +28,15 @@ Options:
   --meta-size N          clean meta pairs held out of train (default 1000)
   --data-seed N          seed of the meta split / noise / sentencepiece (default 1)
   --conditions "C ..."   subset of "clean noisy" (default both)
-  --runs-dir DIR         checkpoints, logs and per-run results (default runs/multi30k in the checkout)
+  --runs-dir DIR         checkpoints, logs and per-run results (default runs/multi30k in the checkout;
+                         finished runs there are reused, so use another folder for another budget)
   --results-dir DIR      where RESULTS.md and the plots go (default examples/multi30k)
   --train-args "ARGS"    extra arguments for train_translation.sh / fairseq-train (e.g. "--max-tokens 512")
   --gpu                  train and generate on the GPU (drops the preset's --cpu)
-  --jobs N               runs at a time (default 1; >1 only on a machine with cores or a GPU to spare)
+  --jobs N               runs at a time (default 2: two single-thread runs use both cores of a 2-core
+                         machine; with N > 1 the seeds of one method/condition run side by side, so
+                         the seconds per update of all methods are measured under the same load)
+  --threads N            CPU threads per run (default 1; see train_translation.sh --threads)
   --report-only          only (re)write RESULTS.md from the runs on disk
   --dry-run              print the runs that would be done
   -h, --help             this help
@@ -42,9 +46,9 @@ EOF
 die() { echo "error: $*" >&2; exit 2; }
 log() { echo "[benchmark $(date +%H:%M:%S)] $*" >&2; }
 
-SEEDS="1 2" METHODS="none l2rw mwnet deep" MAX_UPDATE=1200 PRESET=tiny-cpu NOISE=misaligned RATE=0.3
+SEEDS="1 2" METHODS="none l2rw mwnet deep" MAX_UPDATE=800 PRESET=tiny-cpu NOISE=misaligned RATE=0.3
 VOCAB=8000 META=1000 DATA_SEED=1 CONDITIONS="clean noisy" RUNS="$ROOT/runs/multi30k"
-RESULTS="$ROOT/examples/multi30k" TRAIN_ARGS="" GPU="" JOBS=1 REPORT_ONLY="" DRY="" ONE=""
+RESULTS="$ROOT/examples/multi30k" TRAIN_ARGS="" GPU="" JOBS=2 THREADS=1 REPORT_ONLY="" DRY="" ONE=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
@@ -63,6 +67,7 @@ while [[ $# -gt 0 ]]; do
         --train-args) TRAIN_ARGS="${2?}"; shift 2 ;;
         --gpu) GPU=1; shift ;;
         --jobs) JOBS="${2:?}"; shift 2 ;;
+        --threads) THREADS="${2:?}"; shift 2 ;;
         --report-only) REPORT_ONLY=1; shift ;;
         --dry-run) DRY=1; shift ;;
         --_one) ONE="${2:?}"; shift 2 ;;  # internal: "COND METHOD SEED"
@@ -73,6 +78,8 @@ for m in $METHODS; do case "$m" in none|l2rw|mwnet|deep) ;; *) die "unknown meth
 for c in $CONDITIONS; do case "$c" in clean|noisy) ;; *) die "unknown condition '$c' (clean|noisy)" ;; esac; done
 [[ -n "$SEEDS" ]] || die "--seeds is empty"
 [[ "$MAX_UPDATE" =~ ^[0-9]+$ ]] || die "--max-update must be a number"
+[[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || die "--jobs must be a positive number"
+[[ "$THREADS" =~ ^[1-9][0-9]*$ ]] || die "--threads must be a positive number"
 mkdir -p "$RUNS"
 RUNS="$(cd "$RUNS" && pwd)"
 
@@ -101,11 +108,11 @@ one_run() {
             log "$cond/$method/seed$seed: training ($MAX_UPDATE updates, preset $PRESET) -> $dir"
             # shellcheck disable=SC2086
             "$ROOT/scripts/train_translation.sh" "$method" "$data" "$dir" --preset "$PRESET" --seed "$seed" \
-                --max-update "$MAX_UPDATE" ${GPU:+--gpu} $TRAIN_ARGS > "$dir/train.stdout" 2>&1 \
+                --max-update "$MAX_UPDATE" --threads "$THREADS" ${GPU:+--gpu} $TRAIN_ARGS > "$dir/train.stdout" 2>&1 \
                 || { tail -30 "$dir/train.stdout" >&2; die "training $cond/$method/seed$seed failed (log: $dir/train.stdout)"; }
         fi
         log "$cond/$method/seed$seed: evaluating BLEU on test_2016_flickr"
-        "$ROOT/scripts/eval_bleu.sh" "$data" "$dir/checkpoint_last.pt" --split test $EVAL_DEV \
+        "$ROOT/scripts/eval_bleu.sh" "$data" "$dir/checkpoint_last.pt" --split test $EVAL_DEV --threads "$THREADS" \
             > "$dir/eval.stdout" 2>&1 \
             || { tail -30 "$dir/eval.stdout" >&2; die "evaluation of $cond/$method/seed$seed failed (log: $dir/eval.stdout)"; }
         grep -E "^(BLEU|chrF) =" "$dir/eval.stdout" | sed "s|^|  $cond/$method/seed$seed: |" >&2 || true
@@ -126,11 +133,15 @@ fi
 
 # ------------------------------------------------------------------ plan
 RUN_LIST=()
-for seed in $SEEDS; do
-    for cond in $CONDITIONS; do
-        for method in $METHODS; do RUN_LIST+=("$cond $method $seed"); done
-    done
-done
+if [[ "$JOBS" -le 1 ]]; then  # seed by seed: a stopped benchmark leaves complete tables for the first seeds
+    for seed in $SEEDS; do for cond in $CONDITIONS; do for method in $METHODS; do
+        RUN_LIST+=("$cond $method $seed")
+    done; done; done
+else  # the seeds of one method side by side: equal load on the runs timed together
+    for cond in $CONDITIONS; do for method in $METHODS; do for seed in $SEEDS; do
+        RUN_LIST+=("$cond $method $seed")
+    done; done; done
+fi
 todo=0
 for r in "${RUN_LIST[@]}"; do
     # shellcheck disable=SC2086
@@ -149,10 +160,10 @@ fi
 report() {
     python "$ROOT/scripts/benchmark_report.py" --runs-dir "$RUNS" --results-dir "$RESULTS" --seeds "$SEEDS" \
         --methods "$METHODS" --conditions "$CONDITIONS" --noise "$NOISE" --noise-rate "$RATE" \
-        --preset "$PRESET" --max-update "$MAX_UPDATE" --data-clean "$DATA_CLEAN" --data-noisy "$DATA_NOISY" \
+        --preset "$PRESET" --max-update "$MAX_UPDATE" --jobs "$JOBS" --threads "$THREADS" --data-clean "$DATA_CLEAN" --data-noisy "$DATA_NOISY" \
         --command "scripts/run_multi30k_benchmark.sh $*"
 }
-ARGS_STR="--seeds \"$SEEDS\" --max-update $MAX_UPDATE --preset $PRESET --noise $NOISE --noise-rate $RATE${TRAIN_ARGS:+ --train-args \"$TRAIN_ARGS\"}${GPU:+ --gpu}"
+ARGS_STR="--seeds \"$SEEDS\" --max-update $MAX_UPDATE --preset $PRESET --noise $NOISE --noise-rate $RATE --jobs $JOBS --threads $THREADS${TRAIN_ARGS:+ --train-args \"$TRAIN_ARGS\"}${GPU:+ --gpu}"
 if [[ -n "$REPORT_ONLY" ]]; then
     report "$ARGS_STR"
     exit 0
@@ -185,7 +196,8 @@ else
     log "running $JOBS at a time"
     PASS=(--seeds "$SEEDS" --methods "$METHODS" --max-update "$MAX_UPDATE" --preset "$PRESET" --noise "$NOISE"
           --noise-rate "$RATE" --vocab "$VOCAB" --meta-size "$META" --data-seed "$DATA_SEED"
-          --conditions "$CONDITIONS" --runs-dir "$RUNS" --results-dir "$RESULTS" --train-args "$TRAIN_ARGS")
+          --conditions "$CONDITIONS" --runs-dir "$RUNS" --results-dir "$RESULTS" --train-args "$TRAIN_ARGS"
+          --threads "$THREADS" --jobs "$JOBS")
     [[ -n "$GPU" ]] && PASS+=(--gpu)
     printf '%s\n' "${RUN_LIST[@]}" | xargs -P "$JOBS" -I{} "$SELF" "${PASS[@]}" --_one "{}"
 fi
