@@ -9,12 +9,12 @@ Usage: scripts/quickstart.sh [--updates N] [--out DIR]
 
 Prepares Multi30k De->En (raw files from \$MULTI30K_DIR, else ../shared/data/multi30k next to the
 checkout, else downloaded), trains the tiny-cpu transformer with the deep-interaction teacher for
-N updates (default 300, about 5-10 minutes on 2 CPU cores), and prints test_2016_flickr BLEU/chrF.
+N updates (default 600; about 10 minutes on 2 CPU cores; reweighting starts after 200), and prints test_2016_flickr BLEU/chrF.
 Outputs: data-bin/multi30k_de_en (data) and DIR (default runs/quickstart: checkpoints, train.log,
 weights.tsv, bleu_test.json). Re-running resumes/skips finished steps.
 USAGE
 }
-UPDATES=300 OUT="$ROOT/runs/quickstart"
+UPDATES=600 OUT="$ROOT/runs/quickstart"
 while [[ $# -gt 0 ]]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
@@ -27,6 +27,7 @@ DATA="$ROOT/data-bin/multi30k_de_en"
 echo "== 1/3 prepare Multi30k De->En -> $DATA"
 bash "$ROOT/scripts/prepare_multi30k.sh" --src de --tgt en --out "$DATA"
 echo "== 2/3 train: deep teacher, $UPDATES updates -> $OUT"
-bash "$ROOT/scripts/train_translation.sh" deep "$DATA" "$OUT" --preset tiny-cpu --max-update "$UPDATES"
+bash "$ROOT/scripts/train_translation.sh" deep "$DATA" "$OUT" --preset tiny-cpu --max-update "$UPDATES" \
+    --reweight-warmup 200
 echo "== 3/3 BLEU on test_2016_flickr"
 bash "$ROOT/scripts/eval_bleu.sh" "$DATA" "$OUT/checkpoint_last.pt" --split test --cpu
