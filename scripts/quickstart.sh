@@ -9,7 +9,7 @@ Usage: scripts/quickstart.sh [--updates N] [--out DIR]
 
 Prepares Multi30k De->En (raw files from \$MULTI30K_DIR, else ../shared/data/multi30k next to the
 checkout, else downloaded), trains the tiny-cpu transformer with the deep-interaction teacher for
-N updates (default 600; about 10 minutes on 2 CPU cores; reweighting starts after 200), and prints test_2016_flickr BLEU/chrF.
+N updates (default 600; with data preparation about 15 minutes on 2 CPU cores; reweighting starts after update 200), and prints test_2016_flickr BLEU/chrF.
 Outputs: data-bin/multi30k_de_en (data) and DIR (default runs/quickstart: checkpoints, train.log,
 weights.tsv, bleu_test.json). Re-running resumes/skips finished steps.
 USAGE
