@@ -9,6 +9,7 @@ from typing import Dict, List, NamedTuple, Optional
 
 import torch
 from fairseq.criterions import register_criterion
+from fairseq.models import FairseqDecoder, FairseqIncrementalDecoder
 from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterion,
     LabelSmoothedCrossEntropyCriterionConfig,
@@ -37,6 +38,33 @@ def decoder_layers(features: torch.Tensor, extra) -> List[torch.Tensor]:
     return layers + [features]
 
 
+def check_model(model):
+    """The decoder of ``model``, if it is an encoder-decoder model whose decoder implements
+    ``extract_features`` (fairseq's base decoders declare it but raise NotImplementedError)."""
+    decoder = getattr(model, "decoder", None)
+    impl = getattr(type(decoder), "extract_features", None)
+    if decoder is None or not hasattr(model, "encoder") or impl is None or impl in _ABSTRACT_EXTRACT_FEATURES:
+        name = type(_inner(model)).__name__
+        what = f"{name} has no encoder-decoder structure" if decoder is None or not hasattr(model, "encoder") else \
+            f"the decoder of {name} ({type(decoder).__name__}) does not implement extract_features"
+        raise TypeError(
+            f"--task reweighted_translation needs an encoder-decoder model whose decoder implements "
+            f"extract_features (per-sentence losses and the deep teacher's inputs come from it); {what}. Use an "
+            f"--arch whose decoder does (the transformer and lstm families, e.g. --arch transformer), or implement "
+            f"extract_features(prev_output_tokens, encoder_out) -> (features, extra) for this decoder"
+        )
+    return decoder
+
+
+def _inner(model):
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+_ABSTRACT_EXTRACT_FEATURES = (FairseqDecoder.extract_features, FairseqIncrementalDecoder.extract_features)
+
+
 @register_criterion("reweighted_label_smoothed_cross_entropy", dataclass=LabelSmoothedCrossEntropyCriterionConfig)
 class ReweightedLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     def per_sentence(self, model, sample, layers: Optional[List[int]] = None) -> SentenceOutput:
@@ -47,12 +75,7 @@ class ReweightedLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCrit
         features are available. ``layers``: indices into :func:`decoder_layers` (``None``: no
         states are pooled).
         """
-        decoder = getattr(model, "decoder", None)
-        if decoder is None or not hasattr(decoder, "extract_features") or not hasattr(model, "encoder"):
-            raise TypeError(
-                f"reweighted_translation needs an encoder-decoder model whose decoder has extract_features "
-                f"(transformer, lstm, fconv, ...); {type(model).__name__} has none"
-            )
+        decoder = check_model(model)
         net_input = sample["net_input"]
         encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
         features, extra = decoder.extract_features(net_input["prev_output_tokens"], encoder_out=encoder_out)
@@ -77,6 +100,7 @@ class ReweightedLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCrit
 
     def num_decoder_layers(self, model, sample) -> int:
         """How many layers :func:`decoder_layers` exposes for ``model`` (one small forward)."""
+        check_model(model)
         net_input = sample["net_input"]
         with torch.no_grad():
             enc = model.encoder(net_input["src_tokens"][:1], src_lengths=net_input["src_lengths"][:1])

@@ -233,13 +233,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out-tgt", required=True, help="corrupted target output")
     p.add_argument("--flags", required=True, help="output flags file: one 0/1 per pair (1 = corrupted)")
     p.add_argument("--type", required=True, choices=TYPES, help="noise type")
-    p.add_argument("--rate", type=float, required=True, help="fraction of pairs to corrupt (exactly round(rate*N))")
+    p.add_argument("--rate", type=float, required=True,
+                   help="fraction of pairs to corrupt, in [0, 1) (exactly round(rate*N))")
     p.add_argument("--seed", type=int, default=1, help="random seed (the output is a function of inputs and seed)")
     p.add_argument("--token-rate", type=float, default=0.1, help="token noise: per-token edit probability")
     p.add_argument("--token-side", default="tgt", choices=("src", "tgt", "both"), help="token noise: which side")
     p.add_argument("--summary", default=None, help="optional JSON file with the settings and counts")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     args = p.parse_args(argv)
+    if not 0.0 <= args.rate < 1.0:  # also refuses nan
+        print(f"error: --rate must be in [0, 1), got {args.rate}: it is the fraction of pairs to corrupt, e.g. "
+              "--rate 0.3 (at 1 no clean pair would be left to learn from)", file=sys.stderr)
+        return 2
 
     try:
         src, tgt = read_lines(args.src), read_lines(args.tgt)

@@ -7,8 +7,10 @@ draws clean meta batches from ``--meta-subset``; all reweighting maths lives in
 :mod:`fairseq_reweight.core`.
 """
 
+import contextlib
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -24,8 +26,8 @@ from torch import nn
 from torch.func import functional_call
 
 from .core import (
-    METHODS, Reweighter, WeightDumper, capture_rng, check_flags, fixed_rng, parse_states_spec, weight_gradient,
-    weight_stats,
+    METHODS, LayerProbe, MetaGrad, Reweighter, WeightDumper, capture_rng, check_flags, first_order, fixed_rng,
+    meta_direction, parse_states_spec, weight_gradient, weight_stats,
 )
 
 logger = logging.getLogger(__name__)
@@ -43,10 +45,18 @@ class ReweightedTranslationConfig(TranslationConfig):
     reweight_warmup: int = field(
         default=0, metadata={"help": "train with uniform weights (no teacher/meta updates) for the first N updates"}
     )
-    meta_grad: ChoiceEnum(["exact", "fast"]) = field(
+    meta_grad: ChoiceEnum(["fast", "fd", "exact"]) = field(
         default="fast",
-        metadata={"help": "exact: second-order autograd through the look-ahead; fast: finite difference of "
-                  "per-sentence losses along the meta gradient (no double backward)"},
+        metadata={"help": "fast: first-order meta-gradient on the layers of --meta-params, from activations the "
+                  "student's own forward/backward computes (one extra forward of the meta batch); fd: all "
+                  "parameters, one-step look-ahead, finite difference of per-sentence losses (no double "
+                  "backward); exact: second-order autograd through the look-ahead (the reference)"},
+    )
+    meta_params: str = field(
+        default="auto",
+        metadata={"help": "fast only: layers whose parameters the meta-gradient uses, comma-separated: embed "
+                  "(the token embeddings), ffn (the last decoder layer's fc1/fc2), decoder / encoder (every "
+                  "transformer layer's fc1/fc2), output (the output projection); auto: embed"},
     )
     meta_lr: Optional[float] = field(
         default=None, metadata={"help": "step size of the look-ahead (default: the current learning rate)"}
@@ -96,6 +106,34 @@ def _unwrap(model):
     return model
 
 
+def _split_files(data: str, split: str, is_train: bool, epoch: int, ext: str) -> List[str]:
+    """The ``SPLIT.*.EXT`` files of the data-bin fairseq reads ``split`` from (the same shard choice)."""
+    import glob
+
+    paths = utils.split_paths(data)
+    path = paths[(epoch - 1) % len(paths)] if is_train else paths[0]
+    return sorted(glob.glob(os.path.join(glob.escape(path), f"{glob.escape(split)}.*.{ext}")))
+
+
+def _truncated(dataset) -> Optional[str]:
+    """Why a loaded split's mmap ``.bin`` files are shorter than their ``.idx`` says, else None."""
+    if hasattr(dataset, "_index") and hasattr(dataset, "_bin_buffer"):  # fairseq's MMapIndexedDataset
+        index = dataset._index
+        if len(index):
+            need = int(index._pointers[-1]) + int(index._sizes[-1]) * index._dtype_size
+            have = len(dataset._bin_buffer)
+            if need > have:
+                return f"is truncated: {dataset._path}.bin has {have} bytes but its .idx needs {need}"
+        return None
+    children = [getattr(dataset, a, None) for a in ("src", "tgt", "dataset")] + list(getattr(dataset, "datasets", []))
+    for child in children:
+        if child is not None and child is not dataset:
+            problem = _truncated(child)
+            if problem:
+                return problem
+    return None
+
+
 @register_task("reweighted_translation", dataclass=ReweightedTranslationConfig)
 class ReweightedTranslationTask(TranslationTask):
     """Translation with per-sentence weights from a teacher trained on a clean meta set."""
@@ -121,6 +159,9 @@ class ReweightedTranslationTask(TranslationTask):
         self._meta_itr_state = None
         self._dumper: Optional[WeightDumper] = None
         self._restored = False
+        self._probe: Optional[LayerProbe] = None
+        self._direction = None  # (meta gradient on the probed layers, meta loss) for the current update
+        self._direction_update = -1
 
     # ------------------------------------------------------------------ meta data
     def begin_epoch(self, epoch, model):
@@ -132,20 +173,83 @@ class ReweightedTranslationTask(TranslationTask):
         split = self.cfg.meta_subset
         if split not in self.datasets:
             try:
-                self.load_dataset(split)
+                self.load_dataset(split)  # an empty or truncated split fails there, with the fix
             except FileNotFoundError as e:
                 raise FileNotFoundError(
                     f"--reweight-method {self.cfg.reweight_method} needs a clean meta split '{split}' in "
                     f"{self.cfg.data} ({e}). Binarize one with the training dictionaries, e.g. "
-                    f"`fairseq-preprocess --source-lang {self.cfg.source_lang} --target-lang {self.cfg.target_lang} "
-                    f"--srcdict DATA/dict.{self.cfg.source_lang}.txt --tgtdict DATA/dict.{self.cfg.target_lang}.txt "
-                    f"--testpref META_PREFIX --destdir TMP` and rename TMP/test.* to DATA/{split}.*, "
-                    "(scripts/prepare_multi30k.sh does this), or point --meta-subset at an existing split"
+                    f"{self._binarize_hint(split)} (scripts/prepare_multi30k.sh does this), or point "
+                    "--meta-subset at an existing split"
                 ) from None
+            self._check_meta_vocab(split)
+        return self.datasets[split]
+
+    def _binarize_hint(self, split):
+        s, t, data = self.cfg.source_lang, self.cfg.target_lang, utils.split_paths(self.cfg.data)[0]
+        return (f"`fairseq-preprocess --source-lang {s} --target-lang {t} --srcdict {data}/dict.{s}.txt "
+                f"--tgtdict {data}/dict.{t}.txt --testpref PREFIX --destdir TMP` and rename TMP/test.* to "
+                f"{data}/{split}.*")
+
+    def _check_meta_vocab(self, split, max_sentences=5000):
+        """A meta split binarized with other dictionaries than the training data's fails at its first batch
+        (token id out of range) or, with ids in range, feeds the teacher's meta loss garbage; catch what is
+        visible in the ids: ids beyond the training dictionary, or mostly <unk>. (A same-size dictionary in
+        another order is indistinguishable from the right one.)"""
         ds = self.datasets[split]
-        if len(ds) == 0:
-            raise ValueError(f"meta split '{split}' in {self.cfg.data} is empty: it needs clean sentence pairs")
-        return ds
+        where = f"meta split '{split}' in {utils.split_paths(self.cfg.data)[0]}"
+        fix = (f"Re-binarize the meta split with --srcdict/--tgtdict of the training data-bin (after the same "
+               f"tokenization/BPE as the training text): {self._binarize_hint(split)}")
+        step = max(1, len(ds) // max_sentences)
+        for side, data, d, lang in (("source", ds.src, self.src_dict, self.cfg.source_lang),
+                                    ("target", ds.tgt, self.tgt_dict, self.cfg.target_lang)):
+            if data is None or len(data) == 0:
+                continue
+            toks = torch.cat([data[i].long().view(-1) for i in range(0, len(data), step)])
+            if toks.numel() and int(toks.max()) >= len(d):
+                raise ValueError(
+                    f"{where}: its {side} side has token id {int(toks.max())} but dict.{lang}.txt of the training "
+                    f"data has only {len(d)} entries, so it was binarized with a different dictionary. {fix}")
+            words = toks[(toks >= d.nspecial) | (toks == d.unk())]
+            unk = float((words == d.unk()).float().mean()) if words.numel() else 0.0
+            if unk > 0.5:
+                raise ValueError(
+                    f"{where}: {unk:.0%} of its {side} tokens are <unk> under dict.{lang}.txt of the training "
+                    f"data: it was binarized with a different dictionary, or from text not tokenized like the "
+                    f"training data. {fix}")
+            if unk > 0.1:
+                logger.warning(f"{where}: {unk:.0%} of its {side} tokens are <unk> under the training dictionary")
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        """fairseq's loader; an empty, truncated or corrupt split is an error that names the fix (fairseq
+        fails deep inside numpy, or only at the first batch that reads past the end of a cut .bin file)."""
+        try:
+            super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- reported with the original error, which stays chained
+            bins = _split_files(self.cfg.data, split, split == self.cfg.train_subset, epoch, "bin")
+            empty = bool(bins) and all(os.path.getsize(f) == 0 for f in bins)
+            problem = "is empty (0 sentence pairs)" if empty else (
+                f"cannot be read ({type(e).__name__}: {e}): its .bin/.idx files are truncated, corrupt, or not "
+                f"fairseq-preprocess output (of this --dataset-impl)")
+            raise ValueError(self._bad_split_message(split, problem)) from e
+        ds = self.datasets[split]
+        problem = _truncated(ds)
+        if problem is None and len(ds) == 0 and split in (self.cfg.train_subset, self.cfg.meta_subset):
+            problem = "is empty (0 sentence pairs)"
+        if problem is not None:
+            raise ValueError(self._bad_split_message(split, problem))
+
+    def _bad_split_message(self, split, problem):
+        s, t, data = self.cfg.source_lang, self.cfg.target_lang, utils.split_paths(self.cfg.data)[0]
+        where = f"split '{split}' in {self.cfg.data} {problem}"
+        if split == self.cfg.meta_subset:
+            return (f"meta {where}: --reweight-method {self.cfg.reweight_method} needs clean sentence pairs there. "
+                    f"Re-binarize it from non-empty text with the training dictionaries, e.g. "
+                    f"{self._binarize_hint(split)}, or point --meta-subset at another split")
+        return (f"{where}. Re-run fairseq-preprocess on complete, non-empty text for it (keep the dictionaries: "
+                f"--srcdict {data}/dict.{s}.txt --tgtdict {data}/dict.{t}.txt), or copy the data-bin again if it was "
+                f"cut short (full disk, interrupted copy)")
 
     def _next_meta_batch(self, model, device):
         if self._meta_epoch_itr is None:
@@ -206,19 +310,34 @@ class ReweightedTranslationTask(TranslationTask):
         device = sample["target"].device
         rw = self.reweighter
         layers = self._resolve_layers(criterion, inner, sample) if self.cfg.reweight_method == "deep" else None
+        meta_step = rw.uses_meta and not ignore_grad and rw.is_meta_step(update_num)
+        fast = meta_step and self.cfg.meta_grad == "fast"
+        if fast and self._direction_update != update_num:  # first micro-batch of this update
+            with torch.autograd.profiler.record_function("meta_direction"):
+                self._direction = self._meta_direction(inner, criterion, device)
+            self._direction_update = update_num
+            rw.zero_teacher_grad()
+        probe = self._get_probe(inner) if fast else None
         rng = capture_rng(device)
         with torch.autograd.profiler.record_function("forward"):
             with torch.autocast(device.type, enabled=isinstance(optimizer, AMPOptimizer)):
-                out = criterion.per_sentence(model, sample, layers)
+                with probe.watch(capture_grads=rw.has_teacher) if probe else contextlib.nullcontext():
+                    out = criterion.per_sentence(model, sample, layers)
 
-        meta_fn = None
-        if rw.uses_meta and not ignore_grad and rw.is_meta_step(update_num):
-            meta_fn = self._meta_grad_fn(inner, criterion, sample, out, optimizer, rng, device)
+        info, w_graph = {}, None
+        denom = float(sample["target"].size(0) if criterion.sentence_avg else sample["ntokens"])
+        lr = self.cfg.meta_lr if self.cfg.meta_lr is not None else optimizer.get_lr()
         with torch.autograd.profiler.record_function("reweight"):
-            if rw.uses_meta and ignore_grad:  # dummy batch: no meta step, any weights do (loss is zeroed)
+            if not meta_step and (ignore_grad or not rw.has_teacher or update_num < rw.warmup):
+                # dummy batch (loss zeroed), none, or warm-up: uniform
                 weights = torch.ones_like(out.loss, dtype=torch.float32)
-                info = {}
+            elif fast and rw.method == "l2rw":
+                probe.output_grads(out.loss.sum())
+                weights = rw.l2rw(self._first_order(probe, lr, denom, out.loss.shape[0]), info)
+            elif fast:
+                weights, w_graph = rw.teacher_weights(update_num, self.teacher_features(out, update_num))
             else:
+                meta_fn = self._meta_grad_fn(inner, criterion, sample, out, optimizer, rng, device) if meta_step else None
                 weights, info = rw.weights(update_num, self.teacher_features(out, update_num), meta_fn,
                                            batch_size=out.loss.shape[0], device=device)
         if rw.has_teacher and not self._restored:
@@ -230,6 +349,10 @@ class ReweightedTranslationTask(TranslationTask):
             loss *= 0
         with torch.autograd.profiler.record_function("backward"):
             optimizer.backward(loss)
+        if w_graph is not None:  # the teacher's meta-gradient from this backward (probe.py)
+            with torch.autograd.profiler.record_function("reweight"):
+                mg = self._first_order(probe, lr, denom, out.loss.shape[0], weights)
+                rw.accumulate(w_graph, mg, info)
 
         logging_output = criterion.logging_output(model, sample, out, weights)
         if not ignore_grad:
@@ -237,6 +360,31 @@ class ReweightedTranslationTask(TranslationTask):
             logging_output.update(info)
             self._dump(update_num, sample, weights, out.loss)
         return loss, logging_output["sample_size"], logging_output
+
+    def optimizer_step(self, optimizer, model, update_num):
+        super().optimizer_step(optimizer, model, update_num)
+        if self.cfg.meta_grad == "fast" and self.reweighter.has_teacher and self.reweighter.is_meta_step(update_num):
+            self.reweighter.step_teacher()
+
+    # ------------------------------------------------------------------ meta-gradients
+    def _get_probe(self, inner) -> LayerProbe:
+        if self._probe is None:
+            self._probe = LayerProbe(probe_layers(inner, self.cfg.meta_params))
+            logger.info(f"--meta-grad fast: meta-gradient on {', '.join(self._probe.names)}")
+        return self._probe
+
+    def _meta_direction(self, inner, criterion, device):
+        """Gradient of the clean meta loss on the probed layers at the current parameters."""
+        meta_sample = self._next_meta_batch(inner, device)
+
+        def meta_loss():
+            out = criterion.per_sentence(inner, meta_sample)
+            return out.nll.sum() / out.mask.sum()
+
+        return meta_direction(self._get_probe(inner), list(inner.parameters()), meta_loss)
+
+    def _first_order(self, probe, lr, denom, batch_size, weights=None) -> MetaGrad:
+        return first_order(probe, *self._direction, lr, denom, batch_size, weights)
 
     def _meta_grad_fn(self, inner, criterion, sample, out, optimizer, rng, device):
         student = _Student(inner, criterion)
@@ -335,12 +483,63 @@ def _rank_world():
     return 0, 1
 
 
-def _all_reduce_grads(module: nn.Module) -> None:
-    """Average the teacher's gradients over data-parallel workers so every rank keeps the same teacher."""
+def _all_reduce_grads(module: nn.Module, count: Optional[torch.Tensor] = None) -> None:
+    """Average the teacher's gradients over data-parallel workers so every rank keeps the same teacher
+    (and sum ``count``, the number of meta-gradients that went into them)."""
     rank, world = _rank_world()
     if world == 1:
         return
     for p in module.parameters():
-        if p.grad is not None:
-            torch.distributed.all_reduce(p.grad)
-            p.grad.div_(world)
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+        p.grad.div_(world)
+    if count is not None:
+        torch.distributed.all_reduce(count)
+
+
+def probe_layers(model, spec: str):
+    """``--meta-params`` -> ``[(name, nn.Linear, batch_dim)]`` for :class:`LayerProbe`."""
+    decoder = model.decoder
+    stack = getattr(decoder, "layers", None)
+    last = stack[-1] if stack is not None and len(stack) else None
+    has_ffn = all(isinstance(getattr(last, n, None), nn.Linear) for n in ("fc1", "fc2"))
+    parts = [p.strip() for p in str(spec).split(",") if p.strip()]
+    if parts == ["auto"]:
+        embeds = [getattr(getattr(model, side, None), "embed_tokens", None) for side in ("encoder", "decoder")]
+        parts = ["embed"] if all(isinstance(e, nn.Embedding) for e in embeds) else ["output"]
+    layers = []
+    for part in parts:
+        if part == "ffn":
+            if not has_ffn:
+                raise ValueError(f"--meta-params ffn: the decoder of {type(model).__name__} has no transformer "
+                                 "layers with fc1/fc2; use --meta-params output (or --meta-grad fd)")
+            i = len(stack) - 1
+            # fairseq's transformer layers are time-major: [T, B, C]
+            layers += [(f"decoder.layers.{i}.fc1", last.fc1, 1), (f"decoder.layers.{i}.fc2", last.fc2, 1)]
+        elif part in ("decoder", "encoder"):
+            sub = getattr(model, part)
+            if getattr(sub, "layers", None) is None or not has_ffn:
+                raise ValueError(f"--meta-params {part}: only for transformer models; use --meta-params output")
+            # feed-forward blocks only: fairseq's attention calls its projections' weights directly
+            layers += [(f"{part}.layers.{i}.{fc}", getattr(layer, fc), 1)
+                       for i, layer in enumerate(sub.layers) for fc in ("fc1", "fc2")]
+        elif part == "embed":
+            for side in ("encoder", "decoder"):
+                emb = getattr(getattr(model, side), "embed_tokens", None)
+                if not isinstance(emb, nn.Embedding):
+                    raise ValueError(f"--meta-params embed: the {side} has no nn.Embedding embed_tokens")
+                layers.append((f"{side}.embed_tokens", emb, 0))  # a module shared by both sides is watched twice
+        elif part == "output":
+            for name in ("output_projection", "fc_out"):
+                if isinstance(getattr(decoder, name, None), nn.Linear):
+                    layers.append((f"decoder.{name}", getattr(decoder, name), 0))
+                    break
+            else:
+                raise ValueError(f"--meta-params output: the decoder of {type(model).__name__} has no nn.Linear "
+                                 "output projection (adaptive softmax, or an LSTM with tied embeddings); use "
+                                 "--meta-params ffn or --meta-grad fd")
+        else:
+            raise ValueError(f"--meta-params {spec!r}: use auto, or a comma-separated list of ffn, decoder, "
+                             "encoder, embed, output")
+    return layers

@@ -24,6 +24,7 @@ import importlib.util
 import json
 import math
 import os
+import struct
 import sys
 from pathlib import Path
 
@@ -79,15 +80,42 @@ def read_dump(paths):
     return u[keep], i[keep], w[keep], l[keep]
 
 
+FLAGS_FIX = ("pass the flags file written with the training data (one 0/1 per train sentence id, 1 = corrupted): "
+             "DATA-BIN/train.flags from scripts/prepare_multi30k.sh, or the --flags output of "
+             "python -m fairseq_reweight.noise")
+
+
 def read_flags(path):
     flags = []
-    with open(path, encoding="utf-8") as f:
-        for k, line in enumerate(f, 1):
-            v = line.strip()
-            if v not in ("0", "1"):
-                die(f"{path}:{k}: expected 0 or 1, got {line!r}")
-            flags.append(int(v))
+    try:
+        with open(path, encoding="utf-8") as f:
+            for k, line in enumerate(f, 1):
+                v = line.strip()
+                if v not in ("0", "1"):
+                    die(f"{path}:{k}: expected 0 or 1, got {line[:60]!r}: not a flags file; {FLAGS_FIX}")
+                flags.append(int(v))
+    except (OSError, UnicodeDecodeError) as e:
+        die(f"cannot read flags file {path} ({e}); {FLAGS_FIX}")
+    if not flags:
+        die(f"flags file {path} is empty; {FLAGS_FIX}")
     return np.asarray(flags, dtype=np.int64)
+
+
+def train_split_size(flags_path):
+    """``(sentences, idx file)`` of the binarized train split next to the flags file (DATA-BIN/train.flags),
+    from the fairseq .idx header; ``(None, None)`` if there is none."""
+    folder = os.path.dirname(os.path.abspath(flags_path))
+    for idx in sorted(glob.glob(os.path.join(glob.escape(folder), "train.*-*.*.idx"))):
+        try:
+            with open(idx, "rb") as f:
+                head = f.read(48)
+        except OSError:
+            continue
+        if head[:9] == b"MMIDIDX\x00\x00" and len(head) >= 26:  # mmap: magic, version <Q, dtype <B, length <Q
+            return struct.unpack("<Q", head[18:26])[0], idx
+        if head[:8] == b"TNTIDX\x00\x00" and len(head) >= 40:  # cached: magic, version, code, size, length
+            return struct.unpack("<Q", head[32:40])[0], idx
+    return None, None
 
 
 def _r(x, nd=4):
@@ -98,7 +126,7 @@ def analyze(updates, ids, weights, losses, flags, auc, windows=10, last_frac=0.2
     """The numbers of the report (a JSON-able dict)."""
     if len(updates) and ids.max() >= len(flags):
         die(f"sentence id {int(ids.max())} in the dump but the flags file has only {len(flags)} lines: "
-            "the flags do not belong to this data-bin's train split")
+            f"the flags do not belong to this data-bin's train split; {FLAGS_FIX}")
     corrupted = flags[ids] == 1
     clean = ~corrupted
     lo, hi = int(updates.min()), int(updates.max())
@@ -207,10 +235,17 @@ def main(argv=None):
 
     paths = [args.weights] + sorted(glob.glob(glob.escape(args.weights) + ".rank*"))
     print(f"[analyze] reading {', '.join(paths)}", file=sys.stderr)
-    updates, ids, weights, losses = read_dump(paths)
+    try:
+        updates, ids, weights, losses = read_dump(paths)
+    except (OSError, UnicodeDecodeError) as e:
+        die(f"cannot read the weights dump ({e}): pass the TSV that fairseq-train --dump-weights FILE wrote")
     if len(updates) == 0:
         die(f"{args.weights} has no rows")
     flags = read_flags(args.flags)
+    n_train, idx = train_split_size(args.flags)
+    if n_train is not None and n_train != len(flags):
+        die(f"flags file {args.flags} has {len(flags)} lines but the train split next to it ({idx}) has {n_train} "
+            f"sentences: the flags do not belong to this data-bin; {FLAGS_FIX}")
     res = analyze(updates, ids, weights, losses, flags, _auc_fn(), args.windows, args.last_frac)
     res.update(weights_file=os.path.abspath(args.weights), flags_file=os.path.abspath(args.flags),
                label=args.label)

@@ -49,22 +49,22 @@ def test_exact_matches_finite_difference_of_meta_loss():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-5), (torch.float32, 2e-2)])
-def test_fast_matches_exact(dtype, tol):
+def test_fd_matches_exact(dtype, tol):
     _, params, tl, ml = _student(dtype)
     w = normalize(torch.rand(12, dtype=dtype) + 0.1)
     exact = weight_gradient(params, tl, ml, w, 0.3, 4.0, mode="exact").grad_w
-    fast = weight_gradient(params, tl, ml, w, 0.3, 4.0, mode="fast").grad_w
+    fast = weight_gradient(params, tl, ml, w, 0.3, 4.0, mode="fd").grad_w
     cos = torch.nn.functional.cosine_similarity(exact, fast, dim=0)
     assert cos > 0.999
     assert ((fast - exact).norm() / exact.norm()) < tol
 
 
-def test_fast_reuses_precomputed_losses_and_keeps_graph():
+def test_fd_reuses_precomputed_losses_and_keeps_graph():
     model, params, tl, ml = _student()
     w = torch.ones(12, dtype=torch.float64)
     losses = tl(params)
-    a = weight_gradient(params, tl, ml, w, 0.3, mode="fast", losses=losses).grad_w
-    b = weight_gradient(params, tl, ml, w, 0.3, mode="fast").grad_w
+    a = weight_gradient(params, tl, ml, w, 0.3, mode="fd", losses=losses).grad_w
+    b = weight_gradient(params, tl, ml, w, 0.3, mode="fd").grad_w
     assert torch.allclose(a, b)
     losses.sum().backward()  # the caller's own backward still works
     assert model[0].weight.grad is not None
@@ -139,7 +139,7 @@ def test_reweighter_teacher_learns_to_downweight_harmful_examples():
             return nn.functional.cross_entropy(functional_call(model, p, (xm,)), ym)
 
         losses = tl(params)
-        w, info = rw.weights(step, losses.detach()[:, None], lambda w: weight_gradient(params, tl, ml, w, 0.5, n, "fast", losses=losses))
+        w, info = rw.weights(step, losses.detach()[:, None], lambda w: weight_gradient(params, tl, ml, w, 0.5, n, "fd", losses=losses))
         assert "meta_loss" in info
         opt.zero_grad()
         ((w * losses).sum() / n).backward()

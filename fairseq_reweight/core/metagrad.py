@@ -9,11 +9,12 @@ and the meta-gradient of the meta loss ``L_m`` at the look-ahead is
 
     dL_m(theta'(w)) / dw_i = -(lr / denom) * < grad L_m(theta'), grad l_i(theta) >.
 
-Two interchangeable implementations (``mode``):
+Two interchangeable all-parameter implementations (``mode``); the cheaper first-order
+``--meta-grad fast`` restricted to a few layers lives in :mod:`.probe`:
 
 ``exact``
     second-order autograd through the look-ahead (the reference; memory of a double backward).
-``fast``
+``fd``
     no double backward: ``v = grad L_m(theta')`` from one ordinary backward at the look-ahead,
     then all ``B`` inner products ``<v, grad l_i(theta)>`` at once from a central finite
     difference of the per-example losses along ``v`` -- two extra forward passes, no backward.
@@ -69,7 +70,7 @@ def weight_gradient(
     weights: torch.Tensor,
     lr: float,
     denom: float = 1.0,
-    mode: str = "fast",
+    mode: str = "fd",
     fd_eps: float = 1e-3,
     losses: Optional[torch.Tensor] = None,
 ) -> MetaGrad:
@@ -82,9 +83,9 @@ def weight_gradient(
         weights: ``[B]`` weights at which the look-ahead is taken.
         lr: look-ahead step size ``eta``.
         denom: normaliser of the weighted training loss.
-        mode: ``"exact"`` or ``"fast"`` (see module docstring).
-        fd_eps: ``fast`` only: the finite-difference step, relative: ``||h v|| = fd_eps ||theta||``.
-        losses: optionally ``train_losses(params)`` already computed with its autograd graph (``fast``
+        mode: ``"exact"`` or ``"fd"`` (see module docstring).
+        fd_eps: ``fd`` only: the finite-difference step, relative: ``||h v|| = fd_eps ||theta||``.
+        losses: optionally ``train_losses(params)`` already computed with its autograd graph (``fd``
             reuses it to save one forward and retains the graph for the caller's own backward).
     """
     names = list(params)
@@ -100,8 +101,8 @@ def weight_gradient(
             lm = meta_loss(ahead)
             (gw,) = torch.autograd.grad(lm, w)
         return MetaGrad(gw.detach(), lm.detach())
-    if mode != "fast":
-        raise ValueError(f"unknown meta-gradient mode {mode!r}: use 'exact' or 'fast'")
+    if mode != "fd":
+        raise ValueError(f"unknown meta-gradient mode {mode!r}: use 'exact' or 'fd'")
 
     # 1. look-ahead parameters (skipped when all weights are zero: theta' = theta)
     if bool((weights != 0).any()):

@@ -38,6 +38,7 @@ from .teacher import Teacher
 from .weights import l2rw_weights, normalize
 
 METHODS = ("none", "l2rw", "mwnet", "deep")
+META_GRADS = ("fast", "fd", "exact")
 
 
 def check_flags(method: str, teacher_lr, meta_interval: int, teacher_states: str, meta_grad: str,
@@ -55,8 +56,8 @@ def check_flags(method: str, teacher_lr, meta_interval: int, teacher_states: str
         raise ValueError(f"--meta-interval must be >= 1, got {meta_interval}")
     if m != "deep" and teacher_states != "last":
         raise ValueError(f"--teacher-states only applies to --reweight-method deep, not {m}")
-    if str(meta_grad) not in ("exact", "fast"):
-        raise ValueError(f"--meta-grad must be exact or fast, got {meta_grad!r}")
+    if str(meta_grad) not in META_GRADS:
+        raise ValueError(f"--meta-grad must be one of {', '.join(META_GRADS)}, got {meta_grad!r}")
     if meta_fd_eps <= 0:
         raise ValueError(f"--meta-fd-eps must be > 0, got {meta_fd_eps}")
 
@@ -90,6 +91,7 @@ class Reweighter:
         self.meta_steps = 0
         self.meta_skipped = 0
         self._pending: Optional[dict] = None
+        self._accumulated = 0  # meta-gradients back-propagated into the teacher since its last step
 
     @property
     def has_teacher(self) -> bool:
@@ -166,11 +168,7 @@ class Reweighter:
         if self.method == "none" or step < self.warmup:
             return ones, info
         if self.method == "l2rw":
-            mg = meta_grad_fn(torch.zeros_like(ones))
-            w, fell_back = l2rw_weights(mg.grad_w)
-            self._count(info, mg)
-            info["l2rw_uniform"] = float(fell_back)
-            return w, info
+            return self.l2rw(meta_grad_fn(torch.zeros_like(ones)), info), info
 
         teacher = self.ensure_teacher(features.shape[1], device)
         feats = features.detach().float()
@@ -178,15 +176,65 @@ class Reweighter:
         if self.is_meta_step(step):
             w = normalize(teacher(feats))
             mg = meta_grad_fn(w.detach())
-            if self._count(info, mg):
-                self.optimizer.zero_grad(set_to_none=True)
-                w.backward(_unit_rms(mg.grad_w).to(w.dtype))
-                if self.grad_sync is not None:
-                    self.grad_sync(teacher)
-                self.optimizer.step()
+            self.zero_teacher_grad()
+            self._accumulated = int(self._count(info, mg) and self._backward(w, mg))
+            self.step_teacher()
         with torch.no_grad():
             w = normalize(teacher(feats))
         return w, info
+
+    def l2rw(self, mg: MetaGrad, info: Dict[str, float]) -> torch.Tensor:
+        """L2RW weights from the meta-gradient at ``w = 0`` (uniform if no example helps)."""
+        w, fell_back = l2rw_weights(mg.grad_w)
+        self._count(info, mg)
+        info["l2rw_uniform"] = float(fell_back)
+        return w
+
+    # ------------------------------------------------------------------ deferred teacher update (--meta-grad fast)
+    # The student's update uses the teacher's current weights; the meta-gradient of those weights is
+    # computed from the student's own backward (see probe.py), back-propagated into the teacher with
+    # `accumulate` (once per micro-batch) and applied by `step_teacher` once per update.
+    def teacher_weights(self, step: int, features: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(weights, weights_with_graph)``: the second is None unless this is a teacher meta step."""
+        teacher = self.ensure_teacher(features.shape[1], features.device)
+        feats = features.detach().float()
+        teacher.norm.update(feats[:, : feats.shape[1] - teacher.passthrough])
+        if self.is_meta_step(step):
+            w = normalize(teacher(feats))
+            return w.detach(), w
+        with torch.no_grad():
+            return normalize(teacher(feats)), None
+
+    def accumulate(self, w: torch.Tensor, mg: MetaGrad, info: Dict[str, float]) -> bool:
+        """Back-propagate ``dL_meta/dw`` through the weights ``w`` into the teacher's gradients."""
+        ok = self._count(info, mg) and self._backward(w, mg)
+        self._accumulated += int(ok)
+        return ok
+
+    def step_teacher(self) -> None:
+        """One teacher step from the accumulated gradients (call once per update on every rank)."""
+        if self.teacher is None:
+            return
+        params = [p for p in self.teacher.parameters()]
+        if self.grad_sync is not None:  # every rank takes part, even one whose meta-gradients were skipped
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            count = torch.tensor([float(self._accumulated)], device=params[0].device)
+            self.grad_sync(self.teacher, count)
+            self._accumulated = int(count.item())
+        if self._accumulated > 0:
+            self.optimizer.step()
+        self.zero_teacher_grad()
+
+    def zero_teacher_grad(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        self._accumulated = 0
+
+    def _backward(self, w: torch.Tensor, mg: MetaGrad) -> bool:
+        w.backward(_unit_rms(mg.grad_w).to(w.dtype))
+        return True
 
     def _count(self, info: Dict[str, float], mg: MetaGrad) -> bool:
         ok = bool(torch.isfinite(mg.grad_w).all()) and bool(torch.isfinite(mg.meta_loss))

@@ -17,7 +17,7 @@ import sys
 from dataclasses import fields
 from typing import List, Optional
 
-from ..core import METHODS
+from ..core import META_GRADS, METHODS
 from .data import DATASETS, DataError
 from .noise import NOISE_TYPES
 from .train import TrainConfig, Trainer
@@ -71,13 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="none: uniform weights; l2rw: Ren et al. 2018; mwnet: Shu et al. 2019 (teacher sees the "
                    "loss); deep: Fan et al. 2021 (teacher sees internal states, label, loss, progress)")
     g.add_argument("--meta-interval", type=int, default=d.meta_interval, help="update the teacher every N updates")
-    g.add_argument("--meta-grad", choices=("exact", "fast"), default=d.meta_grad,
-                   help="exact: second-order autograd through the look-ahead; fast: finite difference of "
-                   "per-example losses along the meta gradient (no double backward)")
+    g.add_argument("--meta-grad", choices=META_GRADS, default=d.meta_grad,
+                   help="fast: first-order meta-gradient on the layers of --meta-params from the student's own "
+                   "forward/backward (one extra forward of the meta batch); fd: all parameters, one-step "
+                   "look-ahead, finite difference of per-example losses; exact: second-order autograd "
+                   "through the look-ahead (the reference)")
+    g.add_argument("--meta-params", default=d.meta_params,
+                   help="fast only: layers whose parameters the meta-gradient uses, comma-separated: fc (the "
+                   "classifier), block (convolutions of the last residual block), stage (of the last stage), "
+                   "all (every convolution; below BatchNorm their per-example gradients are approximate); auto: fc")
     g.add_argument("--meta-lr", type=float, help="look-ahead step size (default: the current learning rate)")
     g.add_argument("--meta-batch-size", type=int, default=d.meta_batch_size, help="meta batch (default --batch-size)")
     g.add_argument("--meta-fd-eps", type=float, default=d.meta_fd_eps,
-                   help="fast only: finite-difference step relative to the parameter norm")
+                   help="fd only: finite-difference step relative to the parameter norm")
     g.add_argument("--teacher-lr", type=float, help="teacher Adam lr (mwnet/deep; default 1e-3)")
     g.add_argument("--teacher-hidden", type=int, default=d.teacher_hidden, help="teacher MLP hidden size")
     g.add_argument("--teacher-states", default=d.teacher_states,

@@ -18,6 +18,7 @@ import shutil
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
@@ -152,8 +153,11 @@ def load_cifar(name: str, root: Path) -> ImageData:
     missing = [p.name for p in train_files + [test_file] if not p.is_file()]
     if missing:
         raise DataError(f"{name}: {root} lacks {', '.join(missing)}; {_fix_hint(name, info)}")
-    parts = [_cifar_arrays(p, key, info.num_classes) for p in train_files]
-    test_x, test_y = _cifar_arrays(test_file, key, info.num_classes)
+    try:
+        parts = [_cifar_arrays(p, key, info.num_classes) for p in train_files]
+        test_x, test_y = _cifar_arrays(test_file, key, info.num_classes)
+    except DataError as e:  # the files are there but not the python version of this dataset
+        raise DataError(f"{name}: {e}; {_fix_hint(name, info)}") from None
     return ImageData(name, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                      test_x, test_y, info)
 
@@ -205,14 +209,19 @@ def load_fashion_mnist(root: Path) -> ImageData:
         path = next((p for p in (root / stem, root / f"{stem}.gz") if p.is_file()), None)
         if path is None:
             raise DataError(f"fashion-mnist: {root} lacks {stem}[.gz]; {_fix_hint('fashion-mnist', info)}")
-        arrays[key] = read_idx(path)
+        try:
+            arrays[key] = read_idx(path)
+        except (DataError, OSError, EOFError, zlib.error) as e:  # the last three: a cut or corrupt .gz file
+            raise DataError(f"fashion-mnist: {e if isinstance(e, DataError) else f'{path}: {e}'}; the files must "
+                            f"be the original IDX files: {_fix_hint('fashion-mnist', info)}") from None
     for split in ("train", "test"):
         x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
             raise DataError(f"fashion-mnist {split}: expected images [N, H, W] and N labels, "
-                            f"got {x.shape} and {y.shape}")
+                            f"got {x.shape} and {y.shape} (images and labels files swapped or from different "
+                            f"datasets?); {_fix_hint('fashion-mnist', info)}")
         if len(y) and y.max() >= info.num_classes:
-            raise DataError(f"fashion-mnist {split}: labels must be in 0..9")
+            raise DataError(f"fashion-mnist {split}: labels must be in 0..9; {_fix_hint('fashion-mnist', info)}")
     return ImageData("fashion-mnist", arrays["train_x"][:, None].copy(), arrays["train_y"].astype(np.int64),
                      arrays["test_x"][:, None].copy(), arrays["test_y"].astype(np.int64), info)
 

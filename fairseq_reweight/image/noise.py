@@ -31,7 +31,8 @@ class NoisyLabels(NamedTuple):
 
 def check_rate(rate: float) -> None:
     if not 0.0 <= rate < 1.0:
-        raise ValueError(f"--noise-rate must be in [0, 1), got {rate}")
+        raise ValueError(f"--noise-rate must be in [0, 1), got {rate}: it is the probability p that a training "
+                         "label is resampled, e.g. --noise-rate 0.4 (at 1 every label would be noise)")
 
 
 def flip_targets(num_classes: int, rng: np.random.Generator) -> np.ndarray:

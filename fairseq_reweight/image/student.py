@@ -69,8 +69,40 @@ def replay_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {n: b.clone() for n, b in model.named_buffers()}
 
 
+def probe_layers(model: nn.Module, spec: str):
+    """``--meta-params`` for images -> ``[(name, module, 0)]``: ``fc`` (the classifier), ``block`` (the
+    convolutions of the last residual block), ``stage`` (every convolution of the last stage), ``all``
+    (every convolution); comma-separated, e.g. ``stage,fc``; ``auto`` = ``fc``.
+
+    Only the classifier's per-example gradients are exact: a convolution followed by BatchNorm (in
+    train mode) couples the examples of a batch, so the gradient the student's backward leaves at its
+    output mixes in the other examples' losses."""
+    parts = [p.strip() for p in str(spec).split(",") if p.strip()]
+    if parts == ["auto"]:
+        parts = ["fc"]
+    chosen = {}
+    last_stage = model.stages[-1]
+    for part in parts:
+        if part == "fc":
+            chosen["fc"] = model.fc
+        elif part in ("block", "stage", "all"):
+            root = {"block": last_stage[-1], "stage": last_stage, "all": model}[part]
+            prefix = {"block": f"stages.{len(model.stages) - 1}.{len(last_stage) - 1}.",
+                      "stage": f"stages.{len(model.stages) - 1}.", "all": ""}[part]
+            chosen.update({prefix + n: m for n, m in root.named_modules() if isinstance(m, nn.Conv2d)})
+        else:
+            raise ValueError(f"--meta-params {spec!r}: use auto, or a comma-separated list of fc, block, stage, all")
+    return [(n, m, 0) for n, m in chosen.items()]
+
+
+def meta_loss(model: nn.Module, meta_x: torch.Tensor, meta_y: torch.Tensor) -> torch.Tensor:
+    """The clean loss of a meta batch in train mode, on copies of the BatchNorm buffers (so the meta
+    pass does not move the running statistics)."""
+    return F.cross_entropy(functional_call(model, replay_buffers(model), (meta_x,)), meta_y)
+
+
 def meta_grad_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, losses: torch.Tensor,
-                 meta_x: torch.Tensor, meta_y: torch.Tensor, lr: float, mode: str = "fast",
+                 meta_x: torch.Tensor, meta_y: torch.Tensor, lr: float, mode: str = "fd",
                  fd_eps: float = 1e-3, rng=None) -> Callable[[torch.Tensor], MetaGrad]:
     """``w -> dL_meta(theta'(w))/dw`` for one training batch (see :func:`weight_gradient`).
 

@@ -13,6 +13,7 @@ per epoch), and ``labels.tsv`` (every training id with its observed and true lab
 ``noisy`` flag, to score ``--dump-weights`` files).
 """
 
+import contextlib
 import csv
 import json
 import math
@@ -26,7 +27,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..core import Reweighter, WeightDumper, auc, capture_rng, check_flags, weight_stats
+from ..core import (
+    LayerProbe, Reweighter, WeightDumper, auc, capture_rng, check_flags, first_order, meta_direction, weight_stats,
+)
 from . import student
 from .augment import Augment
 from .data import load_dataset
@@ -64,7 +67,11 @@ class TrainConfig:
     # reweighting (same flags and semantics as the fairseq task)
     reweight_method: str = "deep"
     meta_interval: int = 1
-    meta_grad: str = "fast"
+    # fd, not fast, by default: with BatchNorm between the probed convolutions and the loss the
+    # probe's per-example gradients are not exact, and on the classifier alone the signal measured weak
+    # (scripts/bench_speed.py, README "Performance")
+    meta_grad: str = "fd"
+    meta_params: str = "auto"  # fast only: layers of the meta-gradient (student.probe_layers)
     meta_lr: Optional[float] = None
     meta_batch_size: int = 0  # 0: --batch-size
     meta_fd_eps: float = 1e-3
@@ -131,6 +138,7 @@ class Trainer:
                                      passthrough=student.passthrough(cfg.reweight_method, self.num_classes))
         self.layers = (student.parse_teacher_states(cfg.teacher_states, self.model.num_states)
                        if cfg.reweight_method == "deep" else [])
+        self.probe = LayerProbe(student.probe_layers(self.model, cfg.meta_params))  # --meta-grad fast
         # separate streams: every method sees the same training batches and augmentations
         self.gen_train = torch.Generator().manual_seed(cfg.seed)
         self.gen_meta = torch.Generator().manual_seed(cfg.seed + 1)
@@ -224,20 +232,9 @@ class Trainer:
         for it in bar:
             idx = perm[it * cfg.batch_size:(it + 1) * cfg.batch_size]
             dev_idx = idx.to(dev)
-            x = self.augment(self.train_x[dev_idx], self.gen_train)
             y = self.train_y[dev_idx]
-            rng = capture_rng(dev)
-            out = student.forward(self.model, x, y, states=bool(self.layers))
-            meta_fn = None
-            if rw.is_meta_step(self.updates):
-                meta_fn = self._meta_grad_fn(x, y, out, lr, rng)
-            feats = student.teacher_features(cfg.reweight_method, out, y, self.num_classes, self.layers,
-                                             min(self.updates / total, 1.0))
-            w, info = rw.weights(self.updates, feats, meta_fn, batch_size=len(y), device=dev)
-            loss = (w * out.losses).sum() / len(y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            w, out, info = self.train_step(self.augment(self.train_x[dev_idx], self.gen_train), y, lr,
+                                           min(self.updates / total, 1.0))
             if self.dumper is not None:
                 self.dumper.write(self.updates, self.train_ids[idx], w, out.losses)
             self.updates += 1
@@ -261,13 +258,61 @@ class Trainer:
         return self._epoch_record(lr, seconds, sums, torch.cat(weights), torch.cat(flags), correct, correct_true,
                                   fit_noisy)
 
-    def _meta_grad_fn(self, x, y, out, lr, rng):
+    def train_step(self, x, y, lr: float, progress: float):
+        """One update on an (augmented) batch: ``(weights, student output, diagnostics)``."""
+        cfg, rw, n = self.cfg, self.reweighter, len(y)
+        meta_lr = cfg.meta_lr if cfg.meta_lr is not None else lr
+        meta_step = rw.is_meta_step(self.updates)
+        fast = meta_step and cfg.meta_grad == "fast"
+        probe = self.probe if fast else None
+        if fast:
+            meta_x, meta_y = self._meta_batch()
+            direction = meta_direction(probe, list(self.model.parameters()),
+                                       lambda: student.meta_loss(self.model, meta_x, meta_y))
+        rng = capture_rng(self.device)
+        with probe.watch(capture_grads=rw.has_teacher) if fast else contextlib.nullcontext():
+            out = student.forward(self.model, x, y, states=bool(self.layers))
+        feats = student.teacher_features(cfg.reweight_method, out, y, self.num_classes, self.layers, progress)
+        info, w_graph = {}, None
+        if fast and rw.method == "l2rw":
+            probe.output_grads(out.losses.sum())
+            w = rw.l2rw(first_order(probe, *direction, meta_lr, float(n), n), info)
+        elif fast:
+            w, w_graph = rw.teacher_weights(self.updates, feats)
+        else:
+            meta_fn = self._meta_grad_fn(x, y, out, meta_lr, rng) if meta_step else None
+            w, info = rw.weights(self.updates, feats, meta_fn, batch_size=n, device=self.device)
+        loss = (w * out.losses).sum() / n
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if w_graph is not None:  # the teacher's meta-gradient from the student's own backward (core/probe.py)
+            rw.accumulate(w_graph, first_order(probe, *direction, meta_lr, float(n), n, weights=w, loss_scale=1 / n), info)
+            rw.step_teacher()
+        return w, out, info
+
+    def bench_step(self) -> None:
+        """One update on the next batch (scripts/bench_speed.py)."""
+        cfg = self.cfg
+        if not hasattr(self, "_bench_perm") or self._bench_pos + cfg.batch_size > len(self._bench_perm):
+            self._bench_perm, self._bench_pos = torch.randperm(len(self.train_ids), generator=self.gen_train), 0
+        idx = self._bench_perm[self._bench_pos:self._bench_pos + cfg.batch_size].to(self.device)
+        self._bench_pos += cfg.batch_size
+        self.model.train()
+        self.train_step(self.augment(self.train_x[idx], self.gen_train), self.train_y[idx], cfg.lr, 0.5)
+        self.updates += 1
+
+    def _meta_batch(self):
         cfg = self.cfg
         mb = min(cfg.meta_batch_size or cfg.batch_size, len(self.meta_y))
         pick = torch.randperm(len(self.meta_y), generator=self.gen_meta)[:mb].to(self.device)
-        meta_x = self.augment(self.meta_x[pick], self.gen_meta)
-        return student.meta_grad_fn(self.model, x, y, out.losses, meta_x, self.meta_y[pick],
-                                    cfg.meta_lr if cfg.meta_lr is not None else lr, cfg.meta_grad, cfg.meta_fd_eps, rng)
+        return self.augment(self.meta_x[pick], self.gen_meta), self.meta_y[pick]
+
+    def _meta_grad_fn(self, x, y, out, lr, rng):
+        cfg = self.cfg
+        meta_x, meta_y = self._meta_batch()
+        return student.meta_grad_fn(self.model, x, y, out.losses, meta_x, meta_y, lr, cfg.meta_grad,
+                                    cfg.meta_fd_eps, rng)
 
     def _epoch_record(self, lr, seconds, sums, w, noisy, correct, correct_true, fit_noisy) -> Dict[str, float]:
         n, nb = sums["w_count"], sums["w_batches"]

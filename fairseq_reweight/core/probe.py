@@ -1,0 +1,233 @@
+"""Per-example gradient inner products at a few linear/embedding layers, from activations the training
+step computes anyway -- the engine of ``--meta-grad fast``.
+
+For a linear layer ``o = W a + b`` applied at positions ``t`` (tokens, or one per image), the
+gradient of example ``i``'s loss is ``grad_W l_i = sum_{t in i} d_t a_t^T`` with ``d_t = dl_i/do_t``,
+so for any direction ``(V, v)``
+
+    <(V, v), grad_(W,b) l_i> = sum_{t in i} d_t . (V a_t + v);
+
+for an embedding ``o_t = E[x_t]`` it is ``sum_{t in i} d_t . V[x_t]`` (a gather); for a convolution,
+``sum_positions d . conv(a_i, V)`` (one convolution with ``V`` as the kernel).
+
+`LayerProbe` records ``a`` (the layer's input) in the forward pass and ``d`` (the
+gradient at the layer's output) in a backward pass: the student's own backward of the weighted
+loss for the teacher methods (``d_t = w_i dl_i/do_t``, so dividing by ``w_i`` recovers it), or a
+partial backward from the losses to the probed outputs (L2RW, whose weights are needed before the
+real backward). The meta gradient ``(V, v)`` of the clean loss restricted to the same layers comes
+from the same probe on a meta forward with every other parameter frozen, so its backward stops at
+the probed layers.
+
+``--meta-grad fast`` then uses the first-order meta-gradient
+
+    dL_m(theta'(w))/dw_i  ~=  -(lr / denom) < grad L_m(theta), grad l_i(theta) >   on the probed layers,
+
+i.e. the look-ahead is the student's real previous update (``theta`` *is* the look-ahead of the
+last step) and the inner products are restricted to the probed layers. Both approximations are
+bounded in the tests: on the probed layers it matches the exact second-order meta-gradient up to
+``O(lr)``; its cosine with the all-parameter exact meta-gradient is measured and documented.
+"""
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .metagrad import MetaGrad
+
+
+@dataclass
+class _Call:
+    name: str
+    batch_dim: int
+    inp: torch.Tensor  # the layer's input (activations, or token ids for an embedding), detached
+    out: torch.Tensor  # the layer's output (part of the autograd graph)
+    grad: Optional[torch.Tensor] = None  # d loss / d out, when captured
+
+
+Direction = Dict[str, torch.Tensor]  # parameter name -> a tensor of its shape
+
+
+class LayerProbe:
+    """Watches ``nn.Linear`` and ``nn.Embedding`` layers: ``layers`` is a list of
+    ``(name, module, batch_dim)`` where ``batch_dim`` is the dimension of the layer's input that
+    indexes examples (fairseq's transformer layers are time-major: 1; batch-first tensors: 0).
+    A parameter shared by several layers (tied embeddings) is one parameter: its meta gradient and
+    its per-example gradients sum over every probed use."""
+
+    def __init__(self, layers: Sequence[Tuple[str, nn.Module, int]]):
+        if not layers:
+            raise ValueError("LayerProbe needs at least one layer")
+        for name, module, _ in layers:
+            if not isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
+                raise TypeError(f"--meta-grad fast probes nn.Linear/nn.Embedding/nn.Conv2d layers; {name} is a "
+                                f"{type(module).__name__}")
+            if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+                raise TypeError(f"{name}: only zero-padded convolutions can be probed")
+        self.layers = list(layers)
+        self.calls: List[_Call] = []
+        self._modules = {n: m for n, m, _ in self.layers}
+        self._pname: Dict[int, str] = {}  # id(parameter) -> its (first) name
+        for name, module, _ in self.layers:
+            for attr, p in module.named_parameters(recurse=False):
+                self._pname.setdefault(id(p), f"{name}.{attr}")
+
+    @property
+    def names(self) -> List[str]:
+        return [n for n, _, _ in self.layers]
+
+    def parameters(self) -> Dict[str, nn.Parameter]:
+        """The probed parameters, each once, by name."""
+        out = {}
+        for _, m, _ in self.layers:
+            for p in m.parameters(recurse=False):
+                out.setdefault(self._pname[id(p)], p)
+        return out
+
+    @contextlib.contextmanager
+    def watch(self, capture_grads: bool = False, leaf: bool = False):
+        """Record inputs/outputs of the probed layers in the enclosed forward pass.
+
+        ``capture_grads``: also keep the gradients reaching the outputs in a later backward.
+        ``leaf``: for a forward with frozen parameters, turn the first probed output into a leaf
+        that requires grad, so a backward from the loss stops at the probed layers.
+        """
+        self.calls = []
+        handles = []
+
+        def hook(name, batch_dim, module, args, out):
+            if leaf and not out.requires_grad:
+                out = out.detach().requires_grad_(True)
+            call = _Call(name, batch_dim, args[0].detach(), out)
+            if capture_grads and out.requires_grad:
+                out.register_hook(lambda g, c=call: setattr(c, "grad", g))
+            self.calls.append(call)
+            return out.clone()  # later in-place ops (e.g. q *= scaling) must not change the recorded output
+
+        for name, module, batch_dim in self.layers:
+            handles.append(module.register_forward_hook(
+                lambda m, a, o, n=name, d=batch_dim: hook(n, d, m, a, o)))
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _check_seen(self):
+        seen = {c.name for c in self.calls}
+        missing = [n for n in self.names if n not in seen]
+        if missing:
+            raise RuntimeError(f"probed layers {missing} were not used by the forward pass")
+
+    def output_grads(self, loss: torch.Tensor, retain_graph: bool = True) -> None:
+        """Fill the recorded calls' gradients with ``d loss / d out`` (a partial backward)."""
+        self._check_seen()
+        grads = torch.autograd.grad(loss, [c.out for c in self.calls], retain_graph=retain_graph,
+                                    allow_unused=True)
+        for c, g in zip(self.calls, grads):
+            c.grad = torch.zeros_like(c.out) if g is None else g
+
+    def _grad_of(self, c: _Call) -> torch.Tensor:
+        if c.grad is None:
+            raise RuntimeError(f"no gradient was recorded for {c.name}")
+        return _acc(c.grad)
+
+    def param_grads(self) -> Direction:
+        """Gradients of the probed parameters (summed over positions and uses), from the recorded
+        inputs and output gradients: ``{parameter name: grad}``."""
+        result: Direction = {}
+
+        def add(p, g):
+            key = self._pname[id(p)]
+            result[key] = g if key not in result else result[key] + g
+
+        for c in self.calls:
+            m, d = self._modules[c.name], self._grad_of(c)
+            if isinstance(m, nn.Conv2d):  # [B, C, H, W]
+                add(m.weight, torch.nn.grad.conv2d_weight(_acc(c.inp).to(d.dtype), m.weight.shape, d, m.stride,
+                                                          m.padding, m.dilation, m.groups))
+                if m.bias is not None:
+                    add(m.bias, d.sum((0, 2, 3)))
+                continue
+            d = d.reshape(-1, d.shape[-1])
+            if isinstance(m, nn.Embedding):
+                idx = c.inp.reshape(-1)
+                if m.padding_idx is not None:
+                    d = d * idx.ne(m.padding_idx).unsqueeze(1).to(d.dtype)
+                add(m.weight, torch.zeros(m.weight.shape, dtype=d.dtype, device=d.device).index_add_(0, idx, d))
+            else:
+                add(m.weight, d.t() @ _acc(c.inp.reshape(-1, c.inp.shape[-1])).to(d.dtype))
+                if m.bias is not None:
+                    add(m.bias, d.sum(0))
+        return result
+
+    def example_dots(self, direction: Direction, batch_size: int) -> torch.Tensor:
+        """``[B]``: the inner product of ``direction`` with each example's gradient on the probed parameters."""
+        dots = None
+        for c in self.calls:
+            m, d = self._modules[c.name], self._grad_of(c)
+            if c.inp.shape[c.batch_dim] != batch_size:
+                raise RuntimeError(f"{c.name}: expected {batch_size} examples along dim {c.batch_dim} of its "
+                                   f"input, got shape {tuple(c.inp.shape)}")
+            v = direction[self._pname[id(m.weight)]].to(d.dtype)
+            if isinstance(m, nn.Conv2d):  # <V, grad_W l_i> = sum over positions of d . conv(a, V)
+                u = torch.nn.functional.conv2d(_acc(c.inp).to(d.dtype), v, None, m.stride, m.padding, m.dilation,
+                                               m.groups)
+                if m.bias is not None:
+                    u = u + direction[self._pname[id(m.bias)]].to(d.dtype)[:, None, None]
+                dots_c = (u * d).reshape(batch_size, -1).sum(1)
+                dots = dots_c if dots is None else dots + dots_c
+                continue
+            if isinstance(m, nn.Embedding):
+                u = v[c.inp]
+                if m.padding_idx is not None:
+                    u = u * c.inp.ne(m.padding_idx).unsqueeze(-1).to(u.dtype)
+            else:
+                u = _acc(c.inp).to(d.dtype) @ v.t()
+                if m.bias is not None:
+                    u = u + direction[self._pname[id(m.bias)]].to(d.dtype)
+            per_pos = (u * d).sum(-1).movedim(c.batch_dim, 0).reshape(batch_size, -1).sum(1)
+            dots = per_pos if dots is None else dots + per_pos
+        return dots
+
+
+def meta_direction(probe: LayerProbe, params: Sequence[torch.Tensor],
+                   meta_loss: Callable[[], torch.Tensor]) -> Tuple[Direction, torch.Tensor]:
+    """Gradient of the meta loss on the probed parameters at the current ``params``: one forward with
+    every parameter frozen, so the backward starts and stops at the probed layers."""
+    with frozen(params), probe.watch(leaf=True):
+        loss = meta_loss()
+        probe.output_grads(loss, retain_graph=False)
+    return probe.param_grads(), loss.detach()
+
+
+def first_order(probe: LayerProbe, direction: Direction, meta_loss: torch.Tensor, lr: float, denom: float,
+                batch_size: int, weights: Optional[torch.Tensor] = None, loss_scale: float = 1.0) -> MetaGrad:
+    """``dL_meta/dw_i ~= -(lr/denom) <grad L_meta, grad l_i>`` on the probed layers, from the probe's
+    last recorded pass. With ``weights`` the output gradients are those of the student's backward of
+    ``loss_scale * sum_i w_i l_i``, divided here by ``loss_scale * w_i``."""
+    dots = probe.example_dots(direction, batch_size)
+    if weights is not None:
+        w = weights.to(dots) * loss_scale
+        dots = torch.where(w > 0, dots / w.clamp_min(1e-30), torch.zeros_like(dots))
+    return MetaGrad((-lr / denom) * dots, meta_loss)
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """Accumulate half-precision activations in float32 (float32/float64 stay as they are)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+@contextlib.contextmanager
+def frozen(params: Sequence[torch.Tensor]):
+    """Temporarily stop ``params`` from requiring grad (a meta forward that builds no graph before the probe)."""
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
