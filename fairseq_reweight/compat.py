@@ -2,7 +2,8 @@
 
 fairseq (through 0.12.x) calls ``torch.load`` without ``weights_only`` on checkpoints that pickle a
 few plain Python objects besides tensors (``argparse.Namespace`` for legacy-registered
-architectures, fairseq's metric meters, numpy scalars). Rather than turning the safety check off,
+architectures, fairseq's metric meters, numpy scalars; and, when a data-parallel resume broadcasts
+the loaded state from rank 0, omegaconf's config containers). Rather than turning the safety check off,
 we allow-list exactly those types with ``torch.serialization.add_safe_globals`` when the plugin is
 imported -- which ``--user-dir`` does before any checkpoint is read by fairseq-train (resume) or
 fairseq-generate.
@@ -25,6 +26,24 @@ def _safe_globals():
                          "MetersDict", "Meter")
             if hasattr(meters, name)
         ]
+    except ImportError:
+        pass
+    try:  # placeholders of fairseq's broadcast_object (data-parallel resume)
+        from fairseq.distributed.utils import _TensorPlaceholder
+
+        allowed.append(_TensorPlaceholder)
+    except ImportError:
+        pass
+    try:
+        import typing
+
+        from omegaconf import base, dictconfig, listconfig, nodes
+
+        allowed += [dictconfig.DictConfig, listconfig.ListConfig, base.ContainerMetadata, base.Metadata, typing.Any,
+                    dict, list, tuple, int, float, str, bool]
+        allowed += [getattr(nodes, n) for n in ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode",
+                                                 "EnumNode", "BytesNode", "PathNode", "ValueNode")
+                    if hasattr(nodes, n)]
     except ImportError:
         pass
     try:

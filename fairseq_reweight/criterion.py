@@ -5,6 +5,7 @@ Validation (``forward``) is exactly fairseq's ``label_smoothed_cross_entropy``; 
 (:meth:`per_sentence`) is used by the ``reweighted_translation`` task.
 """
 
+import inspect
 from typing import Dict, List, NamedTuple, Optional
 
 import torch
@@ -41,6 +42,7 @@ def decoder_layers(features: torch.Tensor, extra) -> List[torch.Tensor]:
 def check_model(model):
     """The decoder of ``model``, if it is an encoder-decoder model whose decoder implements
     ``extract_features`` (fairseq's base decoders declare it but raise NotImplementedError)."""
+    model = _inner(model)
     decoder = getattr(model, "decoder", None)
     impl = getattr(type(decoder), "extract_features", None)
     if decoder is None or not hasattr(model, "encoder") or impl is None or impl in _ABSTRACT_EXTRACT_FEATURES:
@@ -54,6 +56,16 @@ def check_model(model):
             f"extract_features(prev_output_tokens, encoder_out) -> (features, extra) for this decoder"
         )
     return decoder
+
+
+def _torch_ddp(model) -> bool:
+    """Is ``model`` (possibly behind fairseq's ModuleProxyWrapper) torch's DistributedDataParallel?"""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return True
+        if not (hasattr(model, "module") and isinstance(model.module, torch.nn.Module)):
+            return False
+        model = model.module
 
 
 def _inner(model):
@@ -77,8 +89,17 @@ class ReweightedLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCrit
         """
         decoder = check_model(model)
         net_input = sample["net_input"]
-        encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
-        features, extra = decoder.extract_features(net_input["prev_output_tokens"], encoder_out=encoder_out)
+        if _torch_ddp(model):
+            # under torch's DistributedDataParallel the forward must go through the wrapper, or the
+            # gradients are not all-reduced: ask for the features and project them here
+            if "features_only" not in inspect.signature(decoder.forward).parameters:
+                raise ValueError(
+                    f"{type(decoder).__name__}.forward has no features_only argument, which reweighted_translation "
+                    "needs under --ddp-backend pytorch_ddp (the default); use --ddp-backend legacy_ddp")
+            features, extra = model(**net_input, features_only=True)
+        else:
+            encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+            features, extra = decoder.extract_features(net_input["prev_output_tokens"], encoder_out=encoder_out)
         net_output = (decoder.output_layer(features), extra)
 
         lprobs, target = self.get_lprobs_and_target(model, net_output, sample)

@@ -85,6 +85,9 @@ class ReweightedTranslationConfig(TranslationConfig):
     max_tokens: Optional[int] = II("dataset.max_tokens")
     batch_size: Optional[int] = II("dataset.batch_size")
     max_update: int = II("optimization.max_update")
+    fp16: bool = II("common.fp16")
+    bf16: bool = II("common.bf16")
+    amp: bool = II("common.amp")
 
 
 class _Student(nn.Module):
@@ -144,6 +147,22 @@ class ReweightedTranslationTask(TranslationTask):
         super().__init__(cfg, src_dict, tgt_dict)
         check_flags(cfg.reweight_method, cfg.teacher_lr, cfg.meta_interval, cfg.teacher_states, cfg.meta_grad,
                     cfg.meta_fd_eps)
+        world_env = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_env > 1 and _rank_world()[1] == 1:
+            raise RuntimeError(
+                f"this process was started as one of {world_env} workers (WORLD_SIZE={world_env}, e.g. by torchrun) "
+                f"but fairseq did not join them, so each would train alone into the same --save-dir. Add "
+                f"--distributed-world-size {world_env} (on CPUs also --distributed-backend gloo "
+                "--distributed-init-method env:// --distributed-no-spawn --distributed-rank -1 --ddp-backend "
+                "legacy_ddp; see the README, 'Running at scale')")
+        half = [f"--{k}" for k in ("fp16", "bf16", "amp") if getattr(cfg, k, False)]
+        if half and cfg.reweight_method != "none":
+            raise ValueError(f"{' '.join(half)} with --reweight-method {cfg.reweight_method} is not supported yet "
+                             "(the meta-gradient paths are validated in float32 only): train in float32 (drop "
+                             f"{' '.join(half)}), or use --reweight-method none")
+        if _rank_world()[1] > 1 and cfg.reweight_method in ("mwnet", "deep") and cfg.meta_grad != "fast":
+            raise ValueError(f"--meta-grad {cfg.meta_grad} is a one-process reference: with data-parallel training "
+                             "use --meta-grad fast (the default), which keeps the teacher identical on every worker")
         self.reweighter = Reweighter(
             cfg.reweight_method,
             meta_interval=cfg.meta_interval,
@@ -151,7 +170,9 @@ class ReweightedTranslationTask(TranslationTask):
             teacher_lr=cfg.teacher_lr if cfg.teacher_lr is not None else 1e-3,
             teacher_hidden=cfg.teacher_hidden,
             passthrough=1 if cfg.reweight_method == "deep" else 0,  # training progress, already in [0, 1]
-            grad_sync=_all_reduce_grads,
+            all_reduce=_all_reduce_sum,
+            world_size=_rank_world()[1],
+            seed=cfg.seed,
         )
         self._layers: Optional[List[int]] = None
         self._meta_epoch_itr = None
@@ -268,9 +289,15 @@ class ReweightedTranslationTask(TranslationTask):
             if self._meta_itr_state is not None:
                 self._meta_epoch_itr.load_state_dict(self._meta_itr_state)
             self._meta_itr = self._meta_epoch_itr.next_epoch_itr(shuffle=True)
-        if not self._meta_itr.has_next():
-            self._meta_itr = self._meta_epoch_itr.next_epoch_itr(shuffle=True)
-        sample = next(self._meta_itr)
+        for _ in range(3):  # a worker's shard is padded with empty batches when the batches do not divide evenly
+            if not self._meta_itr.has_next():
+                self._meta_itr = self._meta_epoch_itr.next_epoch_itr(shuffle=True)
+            sample = next(self._meta_itr)
+            if sample and "net_input" in sample:
+                break
+        else:
+            raise ValueError(f"meta split '{self.cfg.meta_subset}' is too small to give each of the "
+                             f"{_rank_world()[1]} workers a meta batch: add clean pairs to it")
         return utils.move_to_cuda(sample, device=device) if device.type == "cuda" else sample
 
     # ------------------------------------------------------------------ teacher inputs
@@ -324,6 +351,9 @@ class ReweightedTranslationTask(TranslationTask):
                 with probe.watch(capture_grads=rw.has_teacher) if probe else contextlib.nullcontext():
                     out = criterion.per_sentence(model, sample, layers)
 
+        if not ignore_grad and not bool(torch.isfinite(out.loss.detach()).all()):
+            self._sentence_avg = criterion.sentence_avg
+            return self._skip_nonfinite(sample, out, update_num)
         info, w_graph = {}, None
         denom = float(sample["target"].size(0) if criterion.sentence_avg else sample["ntokens"])
         lr = self.cfg.meta_lr if self.cfg.meta_lr is not None else optimizer.get_lr()
@@ -361,10 +391,27 @@ class ReweightedTranslationTask(TranslationTask):
             self._dump(update_num, sample, weights, out.loss)
         return loss, logging_output["sample_size"], logging_output
 
+    def _skip_nonfinite(self, sample, out, update_num):
+        """A NaN/inf sentence loss: no backward (the student's gradient from this batch is zero), no meta-
+        gradient for the teacher; counted as ``nonfinite`` in the log."""
+        bad = int((~torch.isfinite(out.loss.detach())).sum())
+        logger.warning(f"update {update_num}: {bad} of {out.loss.numel()} sentence losses are NaN/inf; this batch is "
+                       "skipped (no student or teacher gradient from it)")
+        zero = out.loss.detach().new_zeros(())
+        bsz = sample["target"].size(0)
+        size = bsz if self._sentence_avg else sample["ntokens"]
+        # it counts as a batch with zero loss and gradient (fairseq's loss averages need its size)
+        log = {"loss": 0.0, "nll_loss": 0.0, "ntokens": sample["ntokens"], "nsentences": bsz, "sample_size": size,
+               "nonfinite": 1.0}
+        return zero, size, log
+
     def optimizer_step(self, optimizer, model, update_num):
         super().optimizer_step(optimizer, model, update_num)
-        if self.cfg.meta_grad == "fast" and self.reweighter.has_teacher and self.reweighter.is_meta_step(update_num):
-            self.reweighter.step_teacher()
+        rw = self.reweighter
+        if self.cfg.meta_grad == "fast" and rw.has_teacher and rw.is_meta_step(update_num):
+            rw.step_teacher()
+            if _rank_world()[1] > 1:
+                _check_in_sync(rw.teacher, update_num)
 
     # ------------------------------------------------------------------ meta-gradients
     def _get_probe(self, inner) -> LayerProbe:
@@ -435,6 +482,8 @@ class ReweightedTranslationTask(TranslationTask):
             metrics.log_scalar("w_min", total("w_min") / nb, nb, round=3)
             metrics.log_scalar("w_max", total("w_max") / nb, nb, round=3)
             metrics.log_scalar("w_low10", total("w_low10") / nb, nb, round=4)
+        if total("nonfinite") > 0:
+            metrics.log_scalar_sum("nonfinite", total("nonfinite"))
         steps = total("meta_steps")
         if steps > 0:
             ok = steps - total("meta_skipped")
@@ -483,19 +532,28 @@ def _rank_world():
     return 0, 1
 
 
-def _all_reduce_grads(module: nn.Module, count: Optional[torch.Tensor] = None) -> None:
-    """Average the teacher's gradients over data-parallel workers so every rank keeps the same teacher
-    (and sum ``count``, the number of meta-gradients that went into them)."""
-    rank, world = _rank_world()
-    if world == 1:
+def _check_in_sync(teacher: Optional[nn.Module], update_num: int) -> None:
+    """Every worker must hold the same teacher: compare a checksum of its parameters and moments."""
+    if teacher is None:
         return
-    for p in module.parameters():
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        torch.distributed.all_reduce(p.grad)
-        p.grad.div_(world)
-    if count is not None:
-        torch.distributed.all_reduce(count)
+    flat = torch.cat([t.detach().float().flatten() for t in list(teacher.parameters()) + list(teacher.buffers())])
+    stats = torch.stack([flat.sum(), (flat * flat).sum()])
+    both = torch.cat([stats, -stats])
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+    spread = (both[:2] + both[2:]).abs().max()  # max - min over workers
+    if float(spread) > 1e-5 * (1 + float(stats.abs().max())):
+        raise RuntimeError(f"update {update_num}: the teacher differs between data-parallel workers (checksum "
+                           f"spread {float(spread):.3g}); please report this with your command line")
+    if not getattr(_check_in_sync, "logged", False):
+        _check_in_sync.logged = True
+        logger.info(f"teacher identical on all {_rank_world()[1]} workers after update {update_num} (checked every "
+                    "meta update)")
+
+
+def _all_reduce_sum(t: torch.Tensor) -> None:
+    """In-place sum over data-parallel workers (the teacher's gradients and input moments)."""
+    if _rank_world()[1] > 1:
+        torch.distributed.all_reduce(t)
 
 
 def probe_layers(model, spec: str):

@@ -208,8 +208,12 @@ def test_prepare_iwslt14_offline(tmp_path):
 def test_train_translation_command(noisy_bin, tmp_path):
     data, _ = noisy_bin
 
-    def cmd(method, *extra):
-        return sh([SCRIPTS / "train_translation.sh", method, data, tmp_path / "ck", "--dry-run", *extra]).stdout.split()
+    def cmd(method, *extra):  # as in a shell without OMP_NUM_THREADS set
+        env = {k: v for k, v in dict(ENV).items() if k != "OMP_NUM_THREADS"}
+        p = subprocess.run([str(c) for c in [SCRIPTS / "train_translation.sh", method, data, tmp_path / "ck",
+                                             "--dry-run", *extra]], capture_output=True, text=True, env=env, cwd=ROOT)
+        assert p.returncode == 0, p.stderr
+        return p.stdout.split()
 
     deep = cmd("deep", "--seed", "4", "--max-tokens", "77")
     assert deep[:2] == ["OMP_NUM_THREADS=1", "fairseq-train"]  # one CPU thread unless asked otherwise

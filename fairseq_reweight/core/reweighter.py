@@ -72,7 +72,9 @@ class Reweighter:
         teacher_hidden: int = 100,
         teacher_layers: int = 1,
         passthrough: int = 0,
-        grad_sync: Optional[Callable[[torch.nn.Module], None]] = None,
+        all_reduce: Optional[Callable[[torch.Tensor], None]] = None,
+        world_size: int = 1,
+        seed: int = 0,
     ):
         if str(method) not in METHODS:
             raise ValueError(f"unknown reweighting method {method!r}; choose one of {', '.join(METHODS)}")
@@ -85,7 +87,11 @@ class Reweighter:
         self.teacher_hidden = teacher_hidden
         self.teacher_layers = teacher_layers
         self.passthrough = passthrough  # last feature columns the teacher does not standardise
-        self.grad_sync = grad_sync  # e.g. all-reduce of the teacher's grads under DDP
+        # data parallel: an in-place sum over workers; the teacher's gradients, its input moments and the
+        # count of meta-gradients are summed in `step_teacher`, so every worker keeps an identical teacher
+        self.all_reduce = all_reduce
+        self.world_size = world_size
+        self.seed = seed  # the teacher's initialisation: the same on every worker, whatever the global RNG
         self.teacher: Optional[Teacher] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.meta_steps = 0
@@ -110,7 +116,9 @@ class Reweighter:
     def ensure_teacher(self, in_dim: int, device: torch.device) -> Teacher:
         """Build the teacher on first use (its input size is the student's feature size)."""
         if self.teacher is None:
-            self.teacher = Teacher(in_dim, self.teacher_hidden, self.teacher_layers, self.passthrough).to(device)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                self.teacher = Teacher(in_dim, self.teacher_hidden, self.teacher_layers, self.passthrough).to(device)
             self.optimizer = torch.optim.Adam(self.teacher.parameters(), lr=self.teacher_lr)
             if self._pending is not None:
                 state, self._pending = self._pending, None
@@ -178,7 +186,9 @@ class Reweighter:
             mg = meta_grad_fn(w.detach())
             self.zero_teacher_grad()
             self._accumulated = int(self._count(info, mg) and self._backward(w, mg))
-            self.step_teacher()
+            if self._accumulated:
+                self.optimizer.step()
+            self.zero_teacher_grad()
         with torch.no_grad():
             w = normalize(teacher(feats))
         return w, info
@@ -198,7 +208,7 @@ class Reweighter:
         """``(weights, weights_with_graph)``: the second is None unless this is a teacher meta step."""
         teacher = self.ensure_teacher(features.shape[1], features.device)
         feats = features.detach().float()
-        teacher.norm.update(feats[:, : feats.shape[1] - teacher.passthrough])
+        teacher.norm.accumulate(feats[:, : feats.shape[1] - teacher.passthrough])  # folded in by step_teacher
         if self.is_meta_step(step):
             w = normalize(teacher(feats))
             return w.detach(), w
@@ -207,24 +217,30 @@ class Reweighter:
 
     def accumulate(self, w: torch.Tensor, mg: MetaGrad, info: Dict[str, float]) -> bool:
         """Back-propagate ``dL_meta/dw`` through the weights ``w`` into the teacher's gradients."""
-        ok = self._count(info, mg) and self._backward(w, mg)
+        ok = self._count(info, mg, step=False) and self._backward(w, mg)
         self._accumulated += int(ok)
         return ok
 
     def step_teacher(self) -> None:
-        """One teacher step from the accumulated gradients (call once per update on every rank)."""
+        """Fold in the input moments and take one teacher step from the accumulated gradients. Call it
+        once per meta update on every worker (data parallel: it all-reduces)."""
         if self.teacher is None:
             return
         params = [p for p in self.teacher.parameters()]
-        if self.grad_sync is not None:  # every rank takes part, even one whose meta-gradients were skipped
+        if self.all_reduce is not None and self.world_size > 1:
+            flat = torch.cat([torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten() for p in params]
+                             + [flat_count(self._accumulated, params[0])])
+            self.all_reduce(flat)
+            self._accumulated, offset = int(flat[-1].item()), 0
             for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            count = torch.tensor([float(self._accumulated)], device=params[0].device)
-            self.grad_sync(self.teacher, count)
-            self._accumulated = int(count.item())
+                p.grad = (flat[offset:offset + p.numel()].view_as(p) / self.world_size).clone()
+                offset += p.numel()
+            self.teacher.norm.commit(self.all_reduce)
+        else:
+            self.teacher.norm.commit()
         if self._accumulated > 0:
             self.optimizer.step()
+            self.meta_steps += 1
         self.zero_teacher_grad()
 
     def zero_teacher_grad(self) -> None:
@@ -236,16 +252,22 @@ class Reweighter:
         w.backward(_unit_rms(mg.grad_w).to(w.dtype))
         return True
 
-    def _count(self, info: Dict[str, float], mg: MetaGrad) -> bool:
+    def _count(self, info: Dict[str, float], mg: MetaGrad, step: bool = True) -> bool:
+        """Log a meta-gradient; False (and counted as skipped) if it is not finite. ``step``: it is also
+        a meta update (l2rw, and the fd/exact teacher step); the deferred path counts in step_teacher."""
         ok = bool(torch.isfinite(mg.grad_w).all()) and bool(torch.isfinite(mg.meta_loss))
         info["meta_steps"] = 1.0
         if ok:
-            self.meta_steps += 1
+            self.meta_steps += int(step)
             info["meta_loss"] = float(mg.meta_loss)
         else:
             self.meta_skipped += 1
             info["meta_skipped"] = 1.0
         return ok
+
+
+def flat_count(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([float(n)], dtype=like.dtype, device=like.device)
 
 
 def _unit_rms(g: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ weights, which :func:`fairseq_reweight.core.weights.normalize` turns into batch-
 weights.
 """
 
-from typing import List
+from typing import Callable, List, Optional
 
 import torch
 from torch import nn
@@ -47,12 +47,30 @@ class RunningNorm(nn.Module):
         self.register_buffer("sq", torch.ones(dim))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
 
+        self._acc: Optional[torch.Tensor] = None  # [sum x, sum x^2, n] of batches not yet folded in
+
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        """Fold one batch into the running moments (called once per training step)."""
+    def accumulate(self, x: torch.Tensor) -> None:
+        """Add a batch to the moments that the next :meth:`commit` folds in."""
         if x.shape[0] == 0:
             return
-        m, sq = x.mean(0), (x * x).mean(0)
+        x = x.detach().to(self.mean)
+        acc = torch.cat([x.sum(0), (x * x).sum(0), x.new_tensor([x.shape[0]])])
+        self._acc = acc if self._acc is None else self._acc + acc
+
+    @torch.no_grad()
+    def commit(self, all_reduce: Optional[Callable[[torch.Tensor], None]] = None) -> None:
+        """Fold the accumulated batches into the running moments; ``all_reduce`` (an in-place sum over
+        data-parallel workers) makes every worker fold in the same moments. Every worker must call it."""
+        d = self.mean.numel()
+        acc = self._acc if self._acc is not None else self.mean.new_zeros(2 * d + 1)
+        self._acc = None
+        if all_reduce is not None:
+            all_reduce(acc)
+        n = float(acc[-1])
+        if n == 0:
+            return
+        m, sq = acc[:d] / n, acc[d:2 * d] / n
         if self.count == 0:  # first batch: take its moments as they are
             self.mean.copy_(m)
             self.sq.copy_(sq)
@@ -60,6 +78,11 @@ class RunningNorm(nn.Module):
             self.mean.lerp_(m, self.momentum)
             self.sq.lerp_(sq, self.momentum)
         self.count += 1
+
+    def update(self, x: torch.Tensor) -> None:
+        """Fold one batch into the running moments at once (one process)."""
+        self.accumulate(x)
+        self.commit()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         var = (self.sq - self.mean * self.mean).clamp_min(self.min_var)

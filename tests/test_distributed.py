@@ -1,0 +1,182 @@
+"""Data-parallel training (torchrun + gloo on 2 CPU processes), gradient accumulation, and
+numerical faults, through fairseq's real CLI where it matters."""
+
+import socket
+
+import pytest
+import torch
+
+from conftest import BIN, run, train_cmd
+from fairseq_reweight import compat  # noqa: F401  (torch.load allow-list)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# fairseq 0.12 on CPUs: its torchrun detection divides by the GPU count and its pytorch_ddp wrapper
+# insists on device ids, so CPU workers take the env:// rendezvous directly and fairseq's legacy DDP
+# (the recipe in the README, "Running at scale")
+CPU_DDP = ["--distributed-backend", "gloo", "--distributed-init-method", "env://", "--distributed-no-spawn",
+           "--distributed-rank", "-1", "--ddp-backend", "legacy_ddp"]
+
+
+def run_ddp(cmd, nproc=2, check=True):
+    args = [BIN / "torchrun", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), cmd[0], *cmd[1:], "--distributed-world-size", str(nproc), *CPU_DDP]
+    return run(args, env={"OMP_NUM_THREADS": "1"}, check=check)
+
+
+def params(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_data, tmp_path):
+    """none (plain training through the task): 2 workers x 1 batch == 1 worker x --update-freq 2."""
+    extra = ["--dropout", "0.0", "--max-tokens", "200"]
+    run_ddp(train_cmd(tiny_data, tmp_path / "ddp", "none", max_update=4, extra=extra))
+    run(train_cmd(tiny_data, tmp_path / "one", "none", max_update=4, extra=extra + ["--update-freq", "2"]))
+    a, b = params(tmp_path / "ddp" / "checkpoint_last.pt"), params(tmp_path / "one" / "checkpoint_last.pt")
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-6), k
+
+
+@pytest.mark.parametrize("method", ["deep", "l2rw"])
+def test_ddp_keeps_one_teacher_and_resumes(tiny_data, tmp_path, method):
+    """2 workers with --update-freq 2: the teacher is checked identical on every worker after every meta
+    update (a mismatch stops the run), weights are dumped per worker, and the run resumes."""
+    dump = tmp_path / "w.tsv"
+    cmd = train_cmd(tiny_data, tmp_path / "run", method, max_update=4,
+                    extra=["--update-freq", "2", "--max-tokens", "200", "--dump-weights", dump])
+    out = run_ddp(cmd).stdout
+    if method == "deep":
+        assert "teacher identical on all 2 workers" in out
+        state = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)
+        rw = state["extra_state"]["ReweightedTranslationTask"]["reweighter"]
+        assert rw["meta_steps"] == 4  # one teacher step per update, not per micro-batch or worker
+    assert dump.exists() and (tmp_path / "w.tsv.rank1").exists()
+    out = run_ddp(train_cmd(tiny_data, tmp_path / "run", method, max_update=6,
+                            extra=["--update-freq", "2", "--max-tokens", "200"])).stdout
+    assert "num_updates 6" in out or "| num_updates 6" in out or "done training" in out
+    if method == "deep":
+        assert "restored the deep teacher" in out
+
+
+def test_torchrun_without_distributed_flags_is_refused(tiny_data, tmp_path):
+    """fairseq-train under torchrun without --distributed-world-size runs N independent trainings into
+    one save dir; the task refuses that instead of letting them overwrite each other's checkpoints."""
+    args = [BIN / "torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+            str(free_port()), *map(str, train_cmd(tiny_data, tmp_path / "run", "deep", max_update=2)),
+            "--distributed-backend", "gloo"]
+    p = run(args, env={"OMP_NUM_THREADS": "1"}, check=False)
+    assert p.returncode != 0 and "--distributed-world-size 2" in p.stdout
+    assert not (tmp_path / "run" / "checkpoint_last.pt").exists()
+
+
+def test_torch_ddp_forward_goes_through_the_wrapper(tiny_data):
+    """Under torch's DistributedDataParallel (fairseq's pytorch_ddp, the GPU default) the forward runs
+    through the wrapper, so DDP all-reduces the gradients; the per-sentence losses are unchanged."""
+    import torch.distributed as dist
+    from test_metagrad_fairseq import build, first_batch
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        cfg, task, model, criterion = build(tiny_data, extra=("--dropout", "0.0"))
+        sample = first_batch(task, "train", model)
+        ref = criterion.per_sentence(model, sample, layers=[1])
+        from fairseq.distributed import ModuleProxyWrapper
+
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        calls = []
+        ddp.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+        out = criterion.per_sentence(ModuleProxyWrapper(ddp), sample, layers=[1])  # as fairseq wraps it
+        assert calls, "the forward did not go through DistributedDataParallel"
+        assert torch.allclose(out.loss, ref.loss) and torch.allclose(out.states[0], ref.states[0])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_update_freq_steps_the_teacher_once_per_update(tiny_data, tmp_path):
+    out = run(train_cmd(tiny_data, tmp_path / "run", "deep", max_update=5, extra=["--update-freq", "3"])).stdout
+    state = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)
+    assert state["extra_state"]["ReweightedTranslationTask"]["reweighter"]["meta_steps"] == 5, out[-3000:]
+
+
+def test_fp16_is_refused_with_a_clear_error(tiny_data, tmp_path):
+    p = run(train_cmd(tiny_data, tmp_path / "run", "deep", max_update=2, extra=["--amp"]), check=False)
+    assert p.returncode != 0 and "--amp with --reweight-method deep is not supported" in p.stdout
+    assert not (tmp_path / "run" / "checkpoint_last.pt").exists()
+
+
+# ---------------------------------------------------------------------- numerical faults
+def _trainer(data, method="deep"):
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.trainer import Trainer
+
+    from conftest import ARCHS, USER_DIR
+
+    args = options.parse_args_and_arch(options.get_training_parser(), [
+        str(data), "--user-dir", USER_DIR, "--task", "reweighted_translation", "--criterion",
+        "reweighted_label_smoothed_cross_entropy", "--reweight-method", method, "--cpu", "--optimizer", "adam",
+        "--lr", "1e-3", "--max-tokens", "400", "--seed", "1", *ARCHS["transformer"]])
+    cfg = convert_namespace_to_omegaconf(args)
+    torch.manual_seed(1)
+    task = tasks.setup_task(cfg.task)
+    task.load_dataset("train")
+    model, criterion = task.build_model(cfg.model), task.build_criterion(cfg.criterion)
+    trainer = Trainer(cfg, task, model, criterion)
+    trainer.begin_epoch(1)
+    itr = task.get_batch_iterator(task.dataset("train"), max_tokens=400, seed=1).next_epoch_itr(shuffle=False)
+    return trainer, task, model, criterion, itr
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_nan_sentence_loss_reaches_neither_student_nor_teacher(tiny_data, caplog):
+    trainer, task, model, criterion, itr = _trainer(tiny_data)
+    trainer.train_step([next(itr)])  # a normal update builds the teacher
+    student, teacher = _snapshot(model), _snapshot(task.reweighter.teacher)
+    steps = task.reweighter.meta_steps
+    real = criterion.per_sentence
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        return out._replace(loss=out.loss.index_fill(0, torch.tensor([1]), float("nan")))
+
+    criterion.per_sentence = poisoned
+    log = trainer.train_step([next(itr)])
+    criterion.per_sentence = real
+    assert log is not None and "NaN/inf" in caplog.text
+    for k, v in _snapshot(model).items():
+        assert torch.equal(v, student[k]), k  # zero gradient: Adam's first moments stay zero for it
+    for k, v in _snapshot(task.reweighter.teacher).items():
+        assert torch.equal(v, teacher[k]), k
+    assert task.reweighter.meta_steps == steps
+    trainer.train_step([next(itr)])  # and training goes on
+    assert task.reweighter.meta_steps == steps + 1
+
+
+def test_nan_meta_loss_skips_the_teacher_update_only(tiny_data):
+    trainer, task, model, criterion, itr = _trainer(tiny_data)
+    trainer.train_step([next(itr)])
+    student, teacher = _snapshot(model), _snapshot(task.reweighter.teacher)
+    real = task._meta_direction
+
+    def nan_direction(*a, **k):
+        direction, loss = real(*a, **k)
+        return {n: torch.full_like(v, float("nan")) for n, v in direction.items()}, loss * float("nan")
+
+    task._meta_direction = nan_direction
+    trainer.train_step([next(itr)])
+    task._meta_direction = real
+    assert task.reweighter.meta_skipped == 1 and task.reweighter.meta_steps == 1
+    for k, v in task.reweighter.teacher.named_parameters():  # its input moments (finite features) may move
+        assert torch.equal(v, teacher[k]), k
+    assert any(not torch.equal(v, student[k]) for k, v in _snapshot(model).items())  # the student still learns
+    assert all(torch.isfinite(v).all() for v in _snapshot(model).values())
