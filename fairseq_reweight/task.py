@@ -273,6 +273,12 @@ class ReweightedTranslationTask(TranslationTask):
                 f"cut short (full disk, interrupted copy)")
 
     def _next_meta_batch(self, model, device):
+        # starting a DataLoader iteration draws a seed from the global RNG: keep the training run's dropout
+        # stream independent of when meta epochs start (an exact resume depends on it)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return self._next_meta_batch_unseeded(model, device)
+
+    def _next_meta_batch_unseeded(self, model, device):
         if self._meta_epoch_itr is None:
             rank, world = _rank_world()
             self._meta_epoch_itr = self.get_batch_iterator(
@@ -303,7 +309,8 @@ class ReweightedTranslationTask(TranslationTask):
     # ------------------------------------------------------------------ teacher inputs
     def _resolve_layers(self, criterion, model, sample) -> List[int]:
         if self._layers is None:
-            n = criterion.num_decoder_layers(model, sample)
+            with torch.random.fork_rng(devices=[sample["target"].device] if sample["target"].is_cuda else []):
+                n = criterion.num_decoder_layers(model, sample)  # leaves the RNG alone (exact resume)
             self._layers = parse_states_spec(self.cfg.teacher_states, n, "decoder layers")
             logger.info(f"deep teacher sees decoder layers {[i + 1 for i in self._layers]} of {n}")
         return self._layers

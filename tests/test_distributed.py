@@ -1,6 +1,7 @@
 """Data-parallel training (torchrun + gloo on 2 CPU processes), gradient accumulation, and
 numerical faults, through fairseq's real CLI where it matters."""
 
+import re
 import socket
 
 import pytest
@@ -180,3 +181,32 @@ def test_nan_meta_loss_skips_the_teacher_update_only(tiny_data):
         assert torch.equal(v, teacher[k]), k
     assert any(not torch.equal(v, student[k]) for k, v in _snapshot(model).items())  # the student still learns
     assert all(torch.isfinite(v).all() for v in _snapshot(model).values())
+
+
+# ---------------------------------------------------------------------- exact resume
+@pytest.mark.parametrize("interval", [1, 2])
+def test_resume_mid_epoch_continues_exactly(tiny_data, tmp_path, interval):
+    """Interrupt after 3 updates (mid-epoch) and resume: the next updates' weights and losses, and the final
+    student and teacher, equal those of an uninterrupted run (teacher, its Adam state and input moments,
+    the meta iterator and fairseq's per-update seeds all come back)."""
+    extra = ["--meta-interval", str(interval), "--save-interval-updates", "3", "--teacher-progress-horizon", "6"]
+
+    def rows(path):
+        return [line.split("\t") for line in path.read_text().splitlines()[1:]]
+
+    run(train_cmd(tiny_data, tmp_path / "a", "deep", max_update=6, extra=extra + ["--dump-weights", tmp_path / "a.tsv"]))
+    run(train_cmd(tiny_data, tmp_path / "b", "deep", max_update=3, extra=extra + ["--dump-weights", tmp_path / "b.tsv"]))
+    out = run(train_cmd(tiny_data, tmp_path / "b", "deep", max_update=6,
+                        extra=extra + ["--dump-weights", tmp_path / "b.tsv"])).stdout
+    assert "restored the deep teacher" in out
+    a, b = rows(tmp_path / "a.tsv"), rows(tmp_path / "b.tsv")
+    assert a == b  # update, sentence id, weight, loss: every row of updates 0-5
+    sa = torch.load(tmp_path / "a" / "checkpoint_last.pt", weights_only=True)
+    sb = torch.load(tmp_path / "b" / "checkpoint_last.pt", weights_only=True)
+    assert re.search(r"epoch 001:\s+4 / \d+", out)  # the resumed run continued epoch 1 (mid-epoch)
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    ta = sa["extra_state"]["ReweightedTranslationTask"]["reweighter"]["teacher"]
+    tb = sb["extra_state"]["ReweightedTranslationTask"]["reweighter"]["teacher"]
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k

@@ -130,6 +130,8 @@ class Reweighter:
                     )
                 self.teacher.load_state_dict(state["teacher"])
                 self.optimizer.load_state_dict(state["optimizer"])  # moves its state to `device`
+                pending = state.get("pending_moments")
+                self.teacher.norm._acc = None if pending is None else pending.to(device)
         elif self.teacher.in_dim != in_dim:
             raise ValueError(f"teacher built for {self.teacher.in_dim} features, got {in_dim}")
         return self.teacher
@@ -144,6 +146,8 @@ class Reweighter:
             "optimizer": self.optimizer.state_dict(),
             "meta_steps": self.meta_steps,
             "meta_skipped": self.meta_skipped,
+            # input moments of batches since the last meta update (--meta-interval > 1), for an exact resume
+            "pending_moments": self.teacher.norm._acc,
         }
 
     def load_state_dict(self, state: dict) -> None:
