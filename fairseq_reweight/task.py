@@ -23,10 +23,10 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 from torch import nn
-from torch.func import functional_call
 
 from .core import (
     METHODS, LayerProbe, MetaGrad, Reweighter, WeightDumper, capture_rng, check_flags, first_order, fixed_rng,
+    functional_call,
     meta_direction, parse_states_spec, weight_gradient, weight_stats,
 )
 

@@ -46,14 +46,14 @@ NMT_CONFIGS = [
     ("deep fd", "--reweight-method deep --meta-grad fd"),
     ("deep exact", "--reweight-method deep --meta-grad exact"),
 ]
-IMAGE_CONFIGS = [
+IMAGE_CONFIGS = [  # plain = --reweight-method none: the module's own SGD step on uniform weights
     ("plain", None),
-    ("none", "--reweight-method none"),
-    ("l2rw fast", "--reweight-method l2rw"),
-    ("mwnet fast", "--reweight-method mwnet"),
-    ("deep fast", "--reweight-method deep"),
-    ("deep fast, interval 4", "--reweight-method deep --meta-interval 4"),
-    ("deep fd", "--reweight-method deep --meta-grad fd"),
+    ("l2rw fast", "--reweight-method l2rw --meta-grad fast"),
+    ("mwnet fast", "--reweight-method mwnet --meta-grad fast"),
+    ("deep fast", "--reweight-method deep --meta-grad fast"),
+    ("deep fast, interval 4", "--reweight-method deep --meta-grad fast --meta-interval 4"),
+    ("deep fast, stage,fc", "--reweight-method deep --meta-grad fast --meta-params stage,fc"),
+    ("deep fd (default)", "--reweight-method deep --meta-grad fd"),
     ("deep exact", "--reweight-method deep --meta-grad exact"),
 ]
 

@@ -193,3 +193,31 @@ def test_teacher_update_ignores_meta_gradient_scale():
         teachers.append(rw.teacher)
     for a, b in zip(teachers[0].parameters(), teachers[1].parameters()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_functional_call_keeps_shared_modules_and_tied_weights():
+    """fairseq's --share-all-embeddings: one embedding module under two paths, tied to the output
+    projection. torch.func.functional_call's own tie handling leaves such a model untied after the
+    call (regression: the fd/exact meta-gradients silently froze the output projection); ours does not."""
+    from fairseq_reweight.core import functional_call as safe_call
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc_emb = nn.Embedding(5, 3)
+            self.dec_emb = self.enc_emb
+            self.out = nn.Linear(3, 5, bias=False)
+            self.out.weight = self.enc_emb.weight
+
+        def forward(self, x):
+            return self.out(self.dec_emb(x))
+
+    m = Shared()
+    orig = m.enc_emb.weight
+    new = orig.detach() + 1
+    x = torch.tensor([1, 2])
+    y = safe_call(m, {name: new for name, _ in m.named_parameters()}, (x,))
+    assert torch.allclose(y, new[x] @ new.t())  # every use of the parameter saw the substitute
+    assert m.enc_emb.weight is orig and m.dec_emb.weight is orig and m.out.weight is orig
+    functional_call(m, {name: new for name, _ in m.named_parameters()}, (x,))  # torch's own
+    assert m.out.weight is not m.enc_emb.weight or m.enc_emb.weight is not orig  # the bug this guards against

@@ -59,6 +59,31 @@ def fixed_rng(state, device: torch.device):
         yield
 
 
+def functional_call(module: torch.nn.Module, tensors: Params, args, kwargs=None):
+    """``torch.func.functional_call`` that is safe for shared modules and tied weights.
+
+    fairseq's ``--share-all-embeddings`` registers one embedding module under two paths and ties the
+    output projection to it. torch's own tie handling then restores the shared module wrongly after
+    the call, leaving it holding the substituted tensor (the model silently loses its tie and a
+    parameter). Here every place a substituted parameter/buffer lives is named exactly once and
+    ``tie_weights`` is off, so each is swapped and restored once.
+    """
+    new_by_id = {}
+    for name, t in tensors.items():
+        try:
+            orig = module.get_parameter(name)
+        except AttributeError:
+            orig = module.get_buffer(name)
+        new_by_id[id(orig)] = t
+    expanded, seen = {}, set()
+    for mod_name, mod in module.named_modules(remove_duplicate=False):
+        for attr, value in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if value is not None and id(value) in new_by_id and (id(mod), attr) not in seen:
+                seen.add((id(mod), attr))
+                expanded[f"{mod_name}.{attr}" if mod_name else attr] = new_by_id[id(value)]
+    return torch.func.functional_call(module, expanded, args, kwargs, tie_weights=False)
+
+
 def _norm(tensors) -> torch.Tensor:
     return torch.sqrt(sum((t.detach().float() ** 2).sum() for t in tensors))
 

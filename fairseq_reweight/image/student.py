@@ -21,9 +21,8 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
-from ..core import MetaGrad, capture_rng, fixed_rng, parse_states_spec, weight_gradient
+from ..core import MetaGrad, capture_rng, fixed_rng, functional_call, parse_states_spec, weight_gradient
 
 
 class StudentOutput(NamedTuple):
