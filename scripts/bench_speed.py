@@ -58,6 +58,10 @@ IMAGE_CONFIGS = [  # plain = --reweight-method none: the module's own SGD step o
 ]
 
 
+# record_function labels of the task's train_step and fairseq's trainer
+PHASES = ("meta_direction", "forward", "reweight", "backward", "reduce-grads", "clip-grads", "optimizer")
+
+
 # ---------------------------------------------------------------------- workers
 def _peak_bytes(device) -> int:
     import torch
@@ -98,6 +102,17 @@ def _serve(conn, step, device):
             conn.send(times)
         elif msg[0] == "mem":
             conn.send(max(_peak_bytes(device) - base, 0))
+        elif msg[0] == "profile":  # where an update's time goes, by the record_function labels
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(msg[1]):
+                    step()
+            totals = {}
+            for e in prof.key_averages():
+                if e.key in PHASES:
+                    totals[e.key] = e.cpu_time_total / 1e6 / msg[1]
+            conn.send(totals)
         else:
             conn.send(None)
             return
@@ -188,6 +203,8 @@ def main(argv=None):
     p.add_argument("--updates-per-round", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     p.add_argument("--out", default=None, help="write OUT.md and OUT.json (default: print only)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile N updates of every configuration and print seconds per update by phase")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     a = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
@@ -227,10 +244,15 @@ def main(argv=None):
             if r > 0:
                 times[name] += t
         order = order[1:] + order[:1]
-    mem = {}
-    for name, conn, proc in workers:
+    mem, profiles = {}, {}
+    for name, conn, _ in workers:  # peak memory first: the profiler itself allocates
         conn.send(("mem",))
         mem[name] = conn.recv()
+    if a.profile:
+        for name, conn, _ in workers:
+            conn.send(("profile", a.profile))
+            profiles[name] = conn.recv()
+    for name, conn, proc in workers:
         conn.send(("stop",))
         conn.recv()
         proc.join(30)
@@ -247,11 +269,19 @@ def main(argv=None):
     lines += [f"| {r['config']} | {r['sec_per_update']:.3f} | {r['ratio']:.2f} | {r['peak_mem_mb']:.0f} | "
               f"{r['mem_ratio']:.2f} |" for r in rows]
     table = "\n".join(lines)
+    if profiles:
+        cols = [ph for ph in PHASES if any(ph in prof for prof in profiles.values())]
+        lines = ["", f"Seconds per update by phase (torch.profiler, {a.profile} updates each; nested labels "
+                 "overlap: meta_direction and reweight run inside fairseq's train step):", "",
+                 "| configuration | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(f"{prof.get(c, 0.0):.3f}" for c in cols) + " |"
+                  for name, prof in profiles.items()]
+        table += "\n".join(lines)
     print(table)
     if a.out:
         cmd = "python scripts/bench_speed.py " + " ".join(shlex.quote(x) for x in argv)
         meta = {"command": cmd, "side": a.side, "rounds": a.rounds, "updates_per_round": a.updates_per_round,
-                "threads": a.threads, "rows": rows}
+                "threads": a.threads, "rows": rows, "profiles": profiles}
         Path(a.out + ".json").write_text(json.dumps(meta, indent=1) + "\n")
         Path(a.out + ".md").write_text(f"`{cmd}`\n\n{table}\n")
         print(f"wrote {a.out}.md and {a.out}.json")
