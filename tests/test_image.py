@@ -492,3 +492,35 @@ def test_compare_writes_results_and_skips_finished_runs(fashion, tmp_path, capsy
     capsys.readouterr()
     compare.main(args)
     assert capsys.readouterr().out.count("finished run") == 2
+
+
+def test_torchrun_two_workers_keep_one_teacher(fashion, tmp_path):
+    """torchrun DDP (2 CPU processes, gloo): each worker takes its own batches, the teacher is checked
+    identical on both after every meta update, rank 0 writes the checkpoint and logs, and it resumes."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = Path(sys.executable).parent / "torchrun"
+
+    def launch(*extra):
+        cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+               "-m", "fairseq_reweight.image",
+               *tiny_args(fashion, tmp_path / "run", "deep", "--meta-grad", "fast", "--dump-weights",
+                          str(tmp_path / "w.tsv"), *extra)]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        return p.stdout + p.stderr
+
+    out = launch()
+    assert "teacher identical on all 2 workers" in out
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert log["summary"]["updates"] == 5  # 200 images / (20 per worker x 2 workers)
+    a = np.loadtxt(tmp_path / "w.tsv", skiprows=1)
+    b = np.loadtxt(tmp_path / "w.tsv.rank1", skiprows=1)
+    assert len(a) == len(b) == 100 and not set(a[:, 1]) & set(b[:, 1])  # disjoint batches
+    out = launch("--epochs", "2", "--resume")
+    assert json.loads((tmp_path / "run" / "log.json").read_text())["summary"]["updates"] == 10

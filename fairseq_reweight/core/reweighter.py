@@ -247,6 +247,23 @@ class Reweighter:
             self.meta_steps += 1
         self.zero_teacher_grad()
 
+    def check_in_sync(self, step: int) -> bool:
+        """Data parallel: raise if the workers' teachers differ (a checksum of parameters and moments,
+        summed over workers). Returns True when a check ran. Call on every worker."""
+        if self.teacher is None or self.all_reduce is None or self.world_size <= 1:
+            return False
+        flat = torch.cat([t.detach().double().flatten()
+                          for t in list(self.teacher.parameters()) + list(self.teacher.buffers())])
+        s = torch.stack([flat.sum(), (flat * flat).sum()])
+        stats = torch.cat([s, s * s])  # sum over workers of the checksums and of their squares
+        self.all_reduce(stats)
+        n = float(self.world_size)
+        spread = (stats[2:] / n - (stats[:2] / n) ** 2).clamp_min(0).sqrt()  # std of each checksum over workers
+        if float(spread.max()) > 1e-6 * (1.0 + float(s.abs().max())):
+            raise RuntimeError(f"update {step}: the teacher differs between data-parallel workers (checksum spread "
+                               f"{float(spread.max()):.3g}); please report this with your command line")
+        return True
+
     def zero_teacher_grad(self) -> None:
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)

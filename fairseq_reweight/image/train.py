@@ -109,9 +109,29 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * cfg.lr_decay ** sum(epoch >= s for s in cfg.lr_steps)
 
 
-def _device(name: str) -> torch.device:
+def _init_distributed(cfg: TrainConfig):
+    """Join the workers started by torchrun (WORLD_SIZE > 1): ``(rank, world)``; ``(0, 1)`` otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if cfg.reweight_method in ("mwnet", "deep") and cfg.meta_grad != "fast":
+        raise ValueError(f"--meta-grad {cfg.meta_grad} is a one-process reference: with torchrun use --meta-grad "
+                         "fast, which keeps the teacher identical on every worker")
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+        torch.distributed.init_process_group(backend)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _all_reduce_sum(t: torch.Tensor) -> None:
+    torch.distributed.all_reduce(t)
+
+
+def _device(name: str, rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        return torch.device("cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available (use --device cpu)")
@@ -124,18 +144,25 @@ class Trainer:
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = _device(cfg.device)
+        self.rank, self.world = _init_distributed(cfg)
+        self.device = _device(cfg.device, self.rank)
         self.save_dir = Path(cfg.save_dir)
-        self.save_dir.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
         self._build_data()
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.arch, self.num_classes, self.data.in_channels).to(self.device)
+        # data parallel (torchrun): DDP averages the student's gradients; self.model stays the bare module
+        self.net = self.model if self.world == 1 else torch.nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.reweighter = Reweighter(cfg.reweight_method, meta_interval=cfg.meta_interval,
                                      teacher_lr=cfg.teacher_lr if cfg.teacher_lr is not None else 1e-3,
                                      teacher_hidden=cfg.teacher_hidden,
-                                     passthrough=student.passthrough(cfg.reweight_method, self.num_classes))
+                                     passthrough=student.passthrough(cfg.reweight_method, self.num_classes),
+                                     all_reduce=_all_reduce_sum if self.world > 1 else None, world_size=self.world,
+                                     seed=cfg.seed)
         self.layers = (student.parse_teacher_states(cfg.teacher_states, self.model.num_states)
                        if cfg.reweight_method == "deep" else [])
         self.probe = LayerProbe(student.probe_layers(self.model, cfg.meta_params))  # --meta-grad fast
@@ -177,8 +204,13 @@ class Trainer:
         self.test_y = torch.as_tensor(data.test_y).to(dev)
         info = data.info
         self.augment = Augment(info.mean, info.std, pad=cfg.crop_pad, flip=info.flip, enabled=cfg.augment)
-        self.iters_per_epoch = len(pool) // cfg.batch_size
-        self._write_labels(pool, meta_idx)
+        # --batch-size is per worker; worker r takes the r-th batch of every group of `world` batches
+        self.iters_per_epoch = len(pool) // (cfg.batch_size * self.world)
+        if self.iters_per_epoch == 0:
+            raise ValueError(f"{len(pool)} training images are fewer than --batch-size {cfg.batch_size} x "
+                             f"{self.world} workers")
+        if self.rank == 0:
+            self._write_labels(pool, meta_idx)
 
     def _write_labels(self, pool: np.ndarray, meta_idx: np.ndarray) -> None:
         rows = ["id\tlabel\ttrue_label\tnoisy\tsplit\n"]
@@ -196,7 +228,7 @@ class Trainer:
                   f"images; {cfg.arch} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters); "
                   f"--reweight-method {cfg.reweight_method} on {self.device}")
         if cfg.dump_weights:
-            self.dumper = WeightDumper(cfg.dump_weights)
+            self.dumper = WeightDumper(cfg.dump_weights, rank=self.rank)
         try:
             while self.epoch < cfg.epochs:
                 record = self._train_epoch()
@@ -230,7 +262,8 @@ class Trainer:
         start = time.perf_counter()
         self.model.train()
         for it in bar:
-            idx = perm[it * cfg.batch_size:(it + 1) * cfg.batch_size]
+            start_i = (it * self.world + self.rank) * cfg.batch_size
+            idx = perm[start_i:start_i + cfg.batch_size]
             dev_idx = idx.to(dev)
             y = self.train_y[dev_idx]
             w, out, info = self.train_step(self.augment(self.train_x[dev_idx], self.gen_train), y, lr,
@@ -271,7 +304,7 @@ class Trainer:
                                        lambda: student.meta_loss(self.model, meta_x, meta_y))
         rng = capture_rng(self.device)
         with probe.watch(capture_grads=rw.has_teacher) if fast else contextlib.nullcontext():
-            out = student.forward(self.model, x, y, states=bool(self.layers))
+            out = student.forward(self.net, x, y, states=bool(self.layers))
         feats = student.teacher_features(cfg.reweight_method, out, y, self.num_classes, self.layers, progress)
         info, w_graph = {}, None
         if fast and rw.method == "l2rw":
@@ -289,6 +322,9 @@ class Trainer:
         if w_graph is not None:  # the teacher's meta-gradient from the student's own backward (core/probe.py)
             rw.accumulate(w_graph, first_order(probe, *direction, meta_lr, float(n), n, weights=w, loss_scale=1 / n), info)
             rw.step_teacher()
+            if rw.check_in_sync(self.updates) and not getattr(self, "_sync_logged", False):
+                self._sync_logged = True
+                self._log(f"teacher identical on all {self.world} workers (checked every meta update)")
         return w, out, info
 
     def bench_step(self) -> None:
@@ -352,6 +388,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints and logs
     def _save(self, name: str) -> None:
         """Only tensors and plain containers, so ``torch.load(weights_only=True)`` reads it back."""
+        if self.rank != 0:
+            return
         dev = self.device
         state = {
             "version": CHECKPOINT_VERSION,
@@ -418,6 +456,8 @@ class Trainer:
         }
 
     def _write_logs(self, finished: bool) -> None:
+        if self.rank != 0:
+            return
         log = {"config": asdict(self.cfg), "summary": self.summary(finished), "epochs": self.history}
         tmp = self.save_dir / ".log.json.tmp"
         tmp.write_text(json.dumps(_finite(log), indent=1))
@@ -429,6 +469,8 @@ class Trainer:
             writer.writerows(self.history)
 
     def _log(self, msg: str) -> None:
+        if self.rank != 0:
+            return
         tqdm.write(msg) if self.cfg.progress else print(msg, flush=True)
 
 
