@@ -41,6 +41,10 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_data, t
     run(train_cmd(tiny_data, tmp_path / "one", "none", max_update=4, extra=extra + ["--update-freq", "2"]))
     a, b = params(tmp_path / "ddp" / "checkpoint_last.pt"), params(tmp_path / "one" / "checkpoint_last.pt")
     for k in a:
+        if k.endswith("k_proj.bias"):
+            # its gradient is zero in exact arithmetic (softmax ignores a constant shift of the scores);
+            # Adam turns the rounding noise left there into lr-sized steps of random sign
+            continue
         assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-6), k
 
 
