@@ -56,7 +56,8 @@ class ReweightedTranslationConfig(TranslationConfig):
         default="auto",
         metadata={"help": "fast only: layers whose parameters the meta-gradient uses, comma-separated: embed "
                   "(the token embeddings), ffn (the last decoder layer's fc1/fc2), decoder / encoder (every "
-                  "transformer layer's fc1/fc2), output (the output projection); auto: embed"},
+                  "transformer layer's fc1/fc2), output (the output projection); auto: encoder for transformers, else "
+                  "embed (else output)"},
     )
     meta_lr: Optional[float] = field(
         default=None, metadata={"help": "step size of the look-ahead (default: the current learning rate)"}
@@ -556,8 +557,15 @@ def probe_layers(model, spec: str):
     has_ffn = all(isinstance(getattr(last, n, None), nn.Linear) for n in ("fc1", "fc2"))
     parts = [p.strip() for p in str(spec).split(",") if p.strip()]
     if parts == ["auto"]:
+        # the encoder's FFNs carry the clean-vs-corrupted signal of the meta-gradient; the embeddings/output
+        # projection carry none on misaligned Multi30k (scripts/meta_signal.py; README "Which parameters")
+        enc_layers = getattr(model.encoder, "layers", None)
         embeds = [getattr(getattr(model, side, None), "embed_tokens", None) for side in ("encoder", "decoder")]
-        parts = ["embed"] if all(isinstance(e, nn.Embedding) for e in embeds) else ["output"]
+        if enc_layers is not None and len(enc_layers) and has_ffn and all(
+                isinstance(getattr(layer, n, None), nn.Linear) for layer in enc_layers for n in ("fc1", "fc2")):
+            parts = ["encoder"]
+        else:
+            parts = ["embed"] if all(isinstance(e, nn.Embedding) for e in embeds) else ["output"]
     layers = []
     for part in parts:
         if part == "ffn":
