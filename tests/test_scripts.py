@@ -66,7 +66,7 @@ def noisy_bin(multi30k_raw, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------- help / errors
 @pytest.mark.parametrize("script", ["prepare_multi30k.sh", "prepare_iwslt14.sh", "train_translation.sh",
                                     "eval_bleu.sh", "run_multi30k_benchmark.sh", "analyze_weights.py",
-                                    "mt_helpers.py", "benchmark_report.py"])
+                                    "mt_helpers.py", "benchmark_report.py", "meta_signal.py"])
 def test_help(script):
     cmd = [SCRIPTS / script, "--help"] if script.endswith(".sh") else [sys.executable, SCRIPTS / script, "--help"]
     p = sh(cmd)
@@ -248,7 +248,7 @@ TINY_MODEL = ["--encoder-embed-dim", "16", "--decoder-embed-dim", "16", "--encod
               "--log-interval", "1"]
 
 
-def test_train_eval_analyze_end_to_end(noisy_bin, tmp_path):
+def test_train_eval_analyze_end_to_end(noisy_bin, tmp_path, monkeypatch):
     """train_translation.sh (deep, 3 updates) -> eval_bleu.sh -> analyze_weights.py on the tiny data-bin."""
     data, _ = noisy_bin
     ck = tmp_path / "deep"
@@ -264,6 +264,50 @@ def test_train_eval_analyze_end_to_end(noisy_bin, tmp_path):
     ana = json.loads((ck / "weights_analysis.json").read_text())
     assert ana["updates"] == [0, 2] and ana["auc_all"] is not None and 0 <= ana["auc_all"] <= 1
     assert (ck / "weights_hist.png").stat().st_size > 1000
+    _check_meta_signal(data, ck, monkeypatch)
+
+
+def _check_meta_signal(data, ck, monkeypatch):
+    """meta_signal.py: the CLI's report, and its per-sentence scores against a central finite difference."""
+    import torch
+
+    sh([sys.executable, SCRIPTS / "meta_signal.py", "--checkpoint", ck / "checkpoint_last.pt", "--data", data,
+        "--num", "40", "--out", ck / "signal"])
+    res = json.loads((ck / "signal.json").read_text())
+    assert res["pairs"] == 40 and 0 < res["corrupted_fraction"] < 1
+    assert all(0 <= g["auc"] <= 1 for g in res["groups"].values()) and res["groups"]["all"]["share"] == 1.0
+    assert "| encoder |" in (ck / "signal.md").read_text()
+
+    spec = importlib.util.spec_from_file_location("meta_signal", SCRIPTS / "meta_signal.py")
+    ms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ms)
+    model, task = ms.load(ck / "checkpoint_last.pt", data)
+    import fairseq.utils  # fairseq's (log-)softmax casts to float32: float64 end to end for the finite difference
+
+    monkeypatch.setattr(fairseq.utils, "log_softmax", lambda x, dim, onnx_trace=False: x.log_softmax(dim))
+    monkeypatch.setattr(fairseq.utils, "softmax", lambda x, dim, onnx_trace=False: x.softmax(dim))
+    model.double()
+    task.load_dataset("train")
+    task.load_dataset("meta")
+    train, pad = task.datasets["train"], task.target_dictionary.pad()
+    gm = ms.meta_gradient(model, task.datasets["meta"], pad)
+    ids = [0, 5, 11]
+    scores, loss, ntok, gnorm = ms.sentence_scores(model, train, ids, gm, pad, progress=False)
+    parts = ["embed", "encoder", "encoder.attn", "decoder", "decoder.self_attn", "decoder.cross_attn", "other"]
+    np.testing.assert_allclose(sum(scores[g] for g in parts), scores["all"], rtol=1e-9)  # a partition
+    params = dict(model.named_parameters())
+    norm = sum(float((g ** 2).sum()) for g in gm.values()) ** 0.5
+    eps = 1e-4 / norm
+    with torch.no_grad():
+        def losses(sign):
+            for n, g in gm.items():
+                params[n].add_(sign * eps * g)
+            out = [float(ms.sentence_nll(model, train.collater([train[i]]), pad)[0]) for i in ids]
+            for n, g in gm.items():
+                params[n].sub_(sign * eps * g)
+            return np.array(out)
+        fd = (losses(1) - losses(-1)) / (2 * eps)
+    np.testing.assert_allclose(scores["all"], fd, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- analyze_weights.py
