@@ -70,8 +70,8 @@ for l in "$SRC" "$TGT"; do [[ "$l" == de || "$l" == en ]] || die "--src/--tgt mu
 case "$NOISE" in
     none) ;;
     misaligned|random-target|copy|token)
-        python -c "import sys; r=float(sys.argv[1]); sys.exit(0 if 0<r<=1 else 1)" "$RATE" 2>/dev/null \
-            || die "--noise $NOISE needs --noise-rate in (0, 1], got '$RATE'" ;;
+        python -c "import sys; r=float(sys.argv[1]); sys.exit(0 if 0<r<1 else 1)" "$RATE" 2>/dev/null \
+            || die "--noise $NOISE needs --noise-rate in (0, 1): a rate of 1 leaves no clean pair, got '$RATE'" ;;
     *) die "unknown --noise '$NOISE' (none|misaligned|random-target|copy|token)" ;;
 esac
 command -v python >/dev/null || die "python not found: activate the project's environment"

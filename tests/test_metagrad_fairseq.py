@@ -162,6 +162,7 @@ def _fast_setup(data, meta_params, arch="transformer"):
 
 
 @pytest.mark.parametrize("arch,meta_params", [("transformer", "ffn"), ("transformer", "embed,ffn,output"),
+                                              ("transformer", "auto"), ("transformer", "encoder,decoder"),
                                               ("lstm", "auto")])
 def test_fast_probe_inner_products_are_exact(tiny_data, monkeypatch, arch, meta_params):
     """The probe's per-sentence <grad L_meta, grad l_i> on the probed layers equals the same inner
@@ -173,6 +174,9 @@ def test_fast_probe_inner_products_are_exact(tiny_data, monkeypatch, arch, meta_
     named = probe.parameters()
     params = list(named.values())
     assert len(params) >= 2
+    if arch == "transformer" and meta_params == "auto":  # the default: every encoder layer's FFN
+        assert {n.rsplit(".", 1)[0] for n in named} == {f"encoder.layers.{i}.{fc}" for i in range(2)
+                                                          for fc in ("fc1", "fc2")}, list(named)
     direction, _ = task._direction
 
     # reference per-sentence inner products

@@ -90,6 +90,10 @@ def test_clear_errors_on_missing_input(tmp_path):
     assert p.returncode == 2 and "not found" in p.stderr
     p = sh([SCRIPTS / "prepare_multi30k.sh", "--noise", "misaligned"], check=False)
     assert p.returncode == 2 and "--noise-rate" in p.stderr
+    for rate in ("1", "1.0", "-0.1", "abc"):
+        p = sh([SCRIPTS / "prepare_multi30k.sh", "--noise", "misaligned", "--noise-rate", rate,
+                "--out", tmp_path / "out"], check=False)
+        assert p.returncode == 2 and "--noise-rate in (0, 1)" in p.stderr and not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------- prepare_multi30k.sh
