@@ -17,6 +17,13 @@ loss, loss per token and gradient norm are scored too, for reference. Use it to 
 ``--meta-params`` for a new model or noise type: a group whose AUC is near 0.5 gives a teacher
 nothing to learn from.
 
+``--teacher-ceiling`` asks the next question: can the ``deep`` teacher's inputs (the pooled decoder
+states and token-loss statistics of ``--teacher-states``, as the task computes them) predict that
+score? A ridge regression of each group's score on the standardised inputs is fitted on half of
+the pairs and its prediction scored (AUC vs the flags) on the other half: roughly the best a
+teacher trained by that meta-gradient can reach from those inputs. For comparison, the same ridge
+fitted to the flags themselves (an oracle teacher).
+
 Example (the measurement behind the default ``--meta-params auto`` = ``encoder``)::
 
     python scripts/meta_signal.py --checkpoint runs/multi30k_v2/noisy/none/seed1/checkpoint_last.pt \\
@@ -54,13 +61,51 @@ def groups_of(name: str, last_decoder_layer: int):
     return out + ["other"]
 
 
-def load(checkpoint, data):
+def load(checkpoint, data, with_cfg=False):
     import fairseq_reweight  # noqa: F401  (torch.load of fairseq checkpoints under torch >= 2.6)
     from fairseq import checkpoint_utils
 
-    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(checkpoint)],
-                                                                       arg_overrides={"data": str(data)})
-    return models[0].eval(), task
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(checkpoint)],
+                                                                      arg_overrides={"data": str(data)})
+    return (models[0].eval(), task, cfg) if with_cfg else (models[0].eval(), task)
+
+
+def teacher_inputs(task, cfg, model, dataset, ids, states="last", batch_sentences=50):
+    """The ``deep`` teacher's input features of ``ids``, computed by the task and criterion of the run
+    (any ``reweighted_translation`` checkpoint; the method is switched to ``deep`` for this)."""
+    from omegaconf import open_dict
+
+    if not hasattr(task, "teacher_features"):
+        sys.exit("meta_signal.py --teacher-ceiling: the checkpoint was not trained with --task "
+                 "reweighted_translation; the teacher's inputs come from that task")
+    with open_dict(task.cfg):
+        task.cfg.reweight_method = "deep"
+        task.cfg.teacher_states = states
+    criterion = task.build_criterion(cfg.criterion)
+    if not hasattr(criterion, "per_sentence"):
+        sys.exit("meta_signal.py --teacher-ceiling: the checkpoint's criterion is not "
+                 "reweighted_label_smoothed_cross_entropy; the teacher's inputs come from it")
+    rows = []
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_sentences):
+            sample = dataset.collater([dataset[int(i)] for i in ids[start:start + batch_sentences]])
+            order = sample["id"].tolist()  # the collater sorts by length
+            layers = task._resolve_layers(criterion, model, sample)
+            feats = task.teacher_features(criterion.per_sentence(model, sample, layers), 0)
+            by_id = dict(zip(order, feats.double().numpy()))
+            rows += [by_id[int(i)] for i in ids[start:start + batch_sentences]]
+    return np.array(rows)
+
+
+def ridge_auc(x, y, clean, lam=1.0):
+    """Fit ``y`` on the standardised ``x`` (ridge) on the first half; AUC of the prediction on the second."""
+    from fairseq_reweight.core import auc
+
+    x = x[:, x.std(0) > 0]
+    x = np.c_[(x - x.mean(0)) / x.std(0), np.ones(len(x))]
+    h = len(x) // 2
+    beta = np.linalg.solve(x[:h].T @ x[:h] + lam * np.eye(x.shape[1]), x[:h].T @ y[:h])
+    return auc(x[h:] @ beta, clean[h:])
 
 
 def sentence_nll(model, sample, pad):
@@ -125,6 +170,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--teacher-ceiling", action="store_true",
+                   help="also fit the deep teacher's inputs to each score (ridge, held-out half)")
+    p.add_argument("--teacher-states", default="last", help="decoder layers of the teacher's inputs")
     args = p.parse_args(argv)
     flags_path = args.flags or args.data / "train.flags"
     for path, what in [(args.checkpoint, "--checkpoint"), (flags_path, "flags file")]:
@@ -136,7 +184,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     from fairseq_reweight.core import auc
 
-    model, task = load(args.checkpoint, args.data)
+    model, task, cfg = load(args.checkpoint, args.data, with_cfg=True)
     task.load_dataset("train")
     task.load_dataset(args.meta_subset)
     train, meta = task.datasets["train"], task.datasets[args.meta_subset]
@@ -167,6 +215,19 @@ def main(argv=None):
     for g in GROUPS:
         r = res["groups"][g]
         lines.append(f"| {g} | {r['auc']:.3f} | {r['auc_cosine']:.3f} | {r['share']:.2f} |")
+    if args.teacher_ceiling:
+        feats = teacher_inputs(task, cfg, model, train, ids, args.teacher_states)
+        c = np.array(clean)
+        res["teacher_ceiling"] = {"inputs": int(feats.shape[1]), "oracle (fit to the flags)": ridge_auc(feats, c, c),
+                                  **{g: ridge_auc(feats, scores[g], c) for g in GROUPS}}
+        lines[1] += " teacher fit: held-out AUC |"
+        lines[2] += "---|"
+        for k, g in enumerate(GROUPS):
+            lines[3 + k] += f" {res['teacher_ceiling'][g]:.3f} |"
+        lines.append(f"\nTeacher fit: ridge regression of each score on the deep teacher's {feats.shape[1]} inputs "
+                     f"(`--teacher-states {args.teacher_states}`), fitted on half of the pairs, AUC of its prediction "
+                     f"on the other half. The same fit to the flags (an oracle teacher): "
+                     f"{res['teacher_ceiling']['oracle (fit to the flags)']:.3f}.")
     lines.append("\nReference scores: " + ", ".join(f"AUC({k}) {v:.3f}" for k, v in res["reference"].items()))
     text = "\n".join(lines)
     print(text)
