@@ -558,7 +558,7 @@ def probe_layers(model, spec: str):
     parts = [p.strip() for p in str(spec).split(",") if p.strip()]
     if parts == ["auto"]:
         # the encoder's FFNs carry the clean-vs-corrupted signal of the meta-gradient; the embeddings/output
-        # projection carry none on misaligned Multi30k (scripts/meta_signal.py; README "Which parameters")
+        # projection carry none on misaligned Multi30k (scripts/meta_signal.py, examples/multi30k/meta_signal.md)
         enc_layers = getattr(model.encoder, "layers", None)
         embeds = [getattr(getattr(model, side, None), "embed_tokens", None) for side in ("encoder", "decoder")]
         if enc_layers is not None and len(enc_layers) and has_ffn and all(
