@@ -20,7 +20,7 @@ train.log and bleu_test.json exist is skipped, so re-running the command picks u
 Options:
   --seeds "S1 S2 ..."    training seeds (default "1 2"; >= 2 gives mean +- spread)
   --methods "M ..."      subset of "none l2rw mwnet deep" (default all four)
-  --max-update N         updates per run (default 800)
+  --max-update N         updates per run (default 1200)
   --preset P             train_translation.sh preset (default tiny-cpu)
   --noise TYPE           noise of the noisy condition (default misaligned)
   --noise-rate R         (default 0.3)
@@ -31,7 +31,7 @@ Options:
   --runs-dir DIR         checkpoints, logs and per-run results (default runs/multi30k in the checkout;
                          finished runs there are reused, so use another folder for another budget)
   --results-dir DIR      where RESULTS.md and the plots go (default examples/multi30k)
-  --train-args "ARGS"    extra arguments for train_translation.sh / fairseq-train (e.g. "--max-tokens 512")
+  --train-args "ARGS"    extra arguments for train_translation.sh / fairseq-train (default "--reweight-warmup 400": uniform weights for the first third; "" for none)
   --gpu                  train and generate on the GPU (drops the preset's --cpu)
   --jobs N               runs at a time (default 2: two single-thread runs use both cores of a 2-core
                          machine; with N > 1 the seeds of one method/condition run side by side, so
@@ -46,9 +46,9 @@ EOF
 die() { echo "error: $*" >&2; exit 2; }
 log() { echo "[benchmark $(date +%H:%M:%S)] $*" >&2; }
 
-SEEDS="1 2" METHODS="none l2rw mwnet deep" MAX_UPDATE=800 PRESET=tiny-cpu NOISE=misaligned RATE=0.3
+SEEDS="1 2" METHODS="none l2rw mwnet deep" MAX_UPDATE=1200 PRESET=tiny-cpu NOISE=misaligned RATE=0.3
 VOCAB=8000 META=1000 DATA_SEED=1 CONDITIONS="clean noisy" RUNS="$ROOT/runs/multi30k"
-RESULTS="$ROOT/examples/multi30k" TRAIN_ARGS="" GPU="" JOBS=2 THREADS=1 REPORT_ONLY="" DRY="" ONE=""
+RESULTS="$ROOT/examples/multi30k" TRAIN_ARGS="--reweight-warmup 400" GPU="" JOBS=2 THREADS=1 REPORT_ONLY="" DRY="" ONE=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
