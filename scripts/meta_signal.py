@@ -91,7 +91,7 @@ def teacher_inputs(task, cfg, model, dataset, ids, states="last", batch_sentence
             sample = dataset.collater([dataset[int(i)] for i in ids[start:start + batch_sentences]])
             order = sample["id"].tolist()  # the collater sorts by length
             layers = task._resolve_layers(criterion, model, sample)
-            feats = task.teacher_features(criterion.per_sentence(model, sample, layers), 0)
+            feats = task.teacher_features(criterion.per_sentence(model, sample, layers), 0, sample)
             by_id = dict(zip(order, feats.double().numpy()))
             rows += [by_id[int(i)] for i in ids[start:start + batch_sentences]]
     return np.array(rows)

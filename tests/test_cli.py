@@ -114,6 +114,7 @@ def test_finetune_plain_translation_checkpoint(tiny_data, tmp_path):
     (["--meta-subset", "nosuch"], "needs a clean meta split 'nosuch'"),
     (["--reweight-method", "l2rw", "--teacher-lr", "0.1"], "--teacher-lr has no effect"),
     (["--teacher-states", "5"], "exposes decoder layers 1..2"),
+    (["--reweight-method", "mwnet", "--teacher-length-ratio"], "--teacher-length-ratio is an input of the deep"),
 ])
 def test_clear_errors(tiny_data, tmp_path, extra, message):
     cmd = train_cmd(tiny_data, tmp_path / "ck", "deep", max_update=2)

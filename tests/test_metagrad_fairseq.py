@@ -260,3 +260,21 @@ def test_fast_matches_exact_on_the_probed_layers(tiny_data, monkeypatch):
     cos_all = torch.nn.functional.cosine_similarity(fast, exact_all, dim=0)
     print(f"cosine(fast on ffn, exact on all parameters) = {cos_all:.3f}; on the probed layers {cos:.4f}")
     assert cos_all > 0
+
+
+def test_teacher_length_ratio_feature(tiny_data):
+    """--teacher-length-ratio adds log(target length / source length) before training progress."""
+    feats = {}
+    for extra in ((), ("--teacher-length-ratio",)):
+        torch.manual_seed(0)
+        cfg, task, model, criterion = build(tiny_data, extra=extra)
+        model.eval()
+        sample = first_batch(task, "train", model)
+        out = criterion.per_sentence(model, sample, task._resolve_layers(criterion, model, sample))
+        feats[extra] = task.teacher_features(out, 3, sample)
+    plain, with_ratio = feats[()], feats[("--teacher-length-ratio",)]
+    assert with_ratio.shape[1] == plain.shape[1] + 1
+    tgt = sample["target"].ne(task.target_dictionary.pad()).sum(1).float()
+    src = sample["net_input"]["src_lengths"].float()
+    assert torch.allclose(with_ratio[:, -2], (tgt / src).log())
+    assert torch.allclose(with_ratio[:, :-2], plain[:, :-1]) and torch.equal(with_ratio[:, -1], plain[:, -1])
