@@ -58,6 +58,16 @@ def check_model(model):
     return decoder
 
 
+def num_decoder_layers(model, sample) -> int:
+    """How many layers :func:`decoder_layers` exposes for ``model`` (one small forward of the first pair)."""
+    decoder, model = check_model(model), _inner(model)
+    net_input = sample["net_input"]
+    with torch.no_grad():
+        enc = model.encoder(net_input["src_tokens"][:1], src_lengths=net_input["src_lengths"][:1])
+        features, extra = decoder.extract_features(net_input["prev_output_tokens"][:1], encoder_out=enc)
+    return len(decoder_layers(features, extra))
+
+
 def _torch_ddp(model) -> bool:
     """Is ``model`` (possibly behind fairseq's ModuleProxyWrapper) torch's DistributedDataParallel?"""
     while True:
@@ -121,12 +131,7 @@ class ReweightedLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCrit
 
     def num_decoder_layers(self, model, sample) -> int:
         """How many layers :func:`decoder_layers` exposes for ``model`` (one small forward)."""
-        check_model(model)
-        net_input = sample["net_input"]
-        with torch.no_grad():
-            enc = model.encoder(net_input["src_tokens"][:1], src_lengths=net_input["src_lengths"][:1])
-            features, extra = model.decoder.extract_features(net_input["prev_output_tokens"][:1], encoder_out=enc)
-        return len(decoder_layers(features, extra))
+        return num_decoder_layers(model, sample)
 
     def logging_output(self, model, sample, out: SentenceOutput, weights: torch.Tensor) -> Dict[str, float]:
         """fairseq's logging dict for a weighted batch: ``loss`` is the weighted objective,

@@ -29,6 +29,7 @@ from .core import (
     functional_call,
     meta_direction, parse_states_spec, weight_gradient, weight_stats,
 )
+from .criterion import check_model, num_decoder_layers
 
 logger = logging.getLogger(__name__)
 
@@ -316,6 +317,38 @@ class ReweightedTranslationTask(TranslationTask):
             raise ValueError(f"meta split '{self.cfg.meta_subset}' is too small to give each of the "
                              f"{_rank_world()[1]} workers a meta batch: add clean pairs to it")
         return utils.move_to_cuda(sample, device=device) if device.type == "cuda" else sample
+
+    # ------------------------------------------------------------------ model checks
+    def build_model(self, cfg, from_checkpoint=False):
+        """fairseq's model, checked at start-up (fairseq-train builds it before loading any checkpoint or
+        training data): an unsupported decoder, a --teacher-states layer or --meta-params layers it lacks, and
+        a missing or bad meta split fail here, not at the first update."""
+        model = super().build_model(cfg, from_checkpoint)
+        if not from_checkpoint:  # fairseq-generate & co. load a trained model: nothing to train
+            check_model(model)
+            if self.reweighter.uses_meta:
+                self._meta_dataset()  # a missing, empty or mismatched meta split
+            if self.cfg.reweight_method == "deep":
+                self._layers = parse_states_spec(self.cfg.teacher_states, self._count_decoder_layers(model),
+                                                 "decoder layers")
+                logger.info(f"deep teacher sees decoder layers {[i + 1 for i in self._layers]}")
+            if self.reweighter.uses_meta and self.cfg.meta_grad == "fast":
+                probe_layers(model, self.cfg.meta_params)
+        return model
+
+    def _count_decoder_layers(self, model) -> int:
+        """How many decoder states the teacher can see: one dry forward of a 1-token pair."""
+        tok = self.src_dict.nspecial if len(self.src_dict) > self.src_dict.nspecial else self.src_dict.eos()
+        out_tok = self.tgt_dict.nspecial if len(self.tgt_dict) > self.tgt_dict.nspecial else self.tgt_dict.eos()
+        sample = {"net_input": {
+            "src_tokens": torch.tensor([[tok, self.src_dict.eos()]]),
+            "src_lengths": torch.tensor([2]),
+            "prev_output_tokens": torch.tensor([[self.tgt_dict.eos(), out_tok]]),
+        }}
+        device = next(model.parameters()).device
+        sample = utils.move_to_cuda(sample, device=device) if device.type == "cuda" else sample
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # an exact resume
+            return num_decoder_layers(model, sample)
 
     # ------------------------------------------------------------------ teacher inputs
     def _resolve_layers(self, criterion, model, sample) -> List[int]:

@@ -191,8 +191,9 @@ def test_arch_whose_decoder_has_no_extract_features(tiny_data, tmp_path):
     cmd = cmd[:i] + ["--arch", "fconv", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
                      "--decoder-out-embed-dim", "32", "--encoder-layers", "[(32, 3)] * 2",
                      "--decoder-layers", "[(32, 3)] * 2"]
-    fails(cmd, "the decoder of FConvModel (FConvDecoder) does not implement extract_features",
+    out = fails(cmd, "the decoder of FConvModel (FConvDecoder) does not implement extract_features",
           "Use an --arch whose decoder does", "--arch transformer")
+    assert "begin training epoch" not in out, "the error should fire when the model is built"
     assert not (tmp_path / "ck" / "checkpoint_last.pt").exists()
 
 

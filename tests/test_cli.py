@@ -115,6 +115,7 @@ def test_finetune_plain_translation_checkpoint(tiny_data, tmp_path):
     (["--reweight-method", "l2rw", "--teacher-lr", "0.1"], "--teacher-lr has no effect"),
     (["--teacher-states", "5"], "exposes decoder layers 1..2"),
     (["--reweight-method", "mwnet", "--teacher-length-ratio"], "--teacher-length-ratio is an input of the deep"),
+    (["--meta-params", "attention"], "--meta-params 'attention': use auto, or a comma-separated list"),
 ])
 def test_clear_errors(tiny_data, tmp_path, extra, message):
     cmd = train_cmd(tiny_data, tmp_path / "ck", "deep", max_update=2)
@@ -124,3 +125,5 @@ def test_clear_errors(tiny_data, tmp_path, extra, message):
     p = run(cmd + extra, check=False)
     assert p.returncode != 0
     assert message in p.stdout, p.stdout[-2000:]
+    assert "begin training epoch" not in p.stdout, "the error should fire at start-up, before any training"
+
