@@ -25,7 +25,7 @@ from omegaconf import II
 from torch import nn
 
 from .core import (
-    METHODS, LayerProbe, MetaGrad, Reweighter, WeightDumper, capture_rng, check_flags, first_order, fixed_rng,
+    METHODS, LayerProbe, MetaDirection, MetaGrad, Reweighter, WeightDumper, capture_rng, check_flags, first_order, fixed_rng,
     functional_call,
     meta_direction, parse_states_spec, weight_gradient, weight_stats,
 )
@@ -66,6 +66,16 @@ class ReweightedTranslationConfig(TranslationConfig):
     meta_max_tokens: Optional[int] = field(default=None, metadata={"help": "meta batch tokens (default --max-tokens)"})
     meta_batch_size: Optional[int] = field(
         default=None, metadata={"help": "meta batch sentences (default --batch-size)"}
+    )
+    meta_refresh: int = field(
+        default=1,
+        metadata={"help": "fast only: a fresh meta direction (one meta forward/backward) every N meta updates, reused "
+                  "in between, so the teacher can learn at every update at a fraction of the cost"},
+    )
+    meta_ema: float = field(
+        default=0.0,
+        metadata={"help": "fast only: exponential average of the fresh meta directions with this decay (e.g. 0.9), "
+                  "against the noise of a single meta batch; 0: the latest direction"},
     )
     meta_fd_eps: float = field(
         default=1e-3, metadata={"help": "fast only: finite-difference step relative to the parameter norm"}
@@ -154,7 +164,7 @@ class ReweightedTranslationTask(TranslationTask):
     def __init__(self, cfg: ReweightedTranslationConfig, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
         check_flags(cfg.reweight_method, cfg.teacher_lr, cfg.meta_interval, cfg.teacher_states, cfg.meta_grad,
-                    cfg.meta_fd_eps)
+                    cfg.meta_fd_eps, cfg.meta_refresh, cfg.meta_ema)
         if cfg.teacher_length_ratio and cfg.reweight_method != "deep":
             raise ValueError(f"--teacher-length-ratio is an input of the deep teacher, not of "
                              f"--reweight-method {cfg.reweight_method}: drop it or use --reweight-method deep")
@@ -193,6 +203,7 @@ class ReweightedTranslationTask(TranslationTask):
         self._restored = False
         self._probe: Optional[LayerProbe] = None
         self._direction = None  # (meta gradient on the probed layers, meta loss) for the current update
+        self._meta_dir = MetaDirection(cfg.meta_refresh, cfg.meta_ema)  # fresh, reused or averaged
         self._direction_update = -1
         self._sync_logged = False
 
@@ -481,14 +492,16 @@ class ReweightedTranslationTask(TranslationTask):
         return self._probe
 
     def _meta_direction(self, inner, criterion, device):
-        """Gradient of the clean meta loss on the probed layers at the current parameters."""
-        meta_sample = self._next_meta_batch(inner, device)
-
+        """Gradient of the clean meta loss on the probed layers (fresh, reused or averaged: --meta-refresh,
+        --meta-ema)."""
         def meta_loss():
-            out = criterion.per_sentence(inner, meta_sample)
+            out = criterion.per_sentence(inner, self._next_meta_batch(inner, device))
             return out.nll.sum() / out.mask.sum()
 
-        return meta_direction(self._get_probe(inner), list(inner.parameters()), meta_loss)
+        def fresh():
+            return meta_direction(self._get_probe(inner), list(inner.parameters()), meta_loss)
+
+        return self._meta_dir.to(device).get(fresh)
 
     def _first_order(self, probe, lr, denom, batch_size, weights=None) -> MetaGrad:
         return first_order(probe, *self._direction, lr, denom, batch_size, weights)
@@ -557,6 +570,8 @@ class ReweightedTranslationTask(TranslationTask):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self):
         state = {"reweighter": self.reweighter.state_dict()}
+        if self._meta_dir.calls:
+            state["meta_direction"] = self._meta_dir.state_dict()
         if self._meta_epoch_itr is not None:
             state["meta_iterator"] = self._meta_epoch_itr.state_dict()
         elif self._meta_itr_state is not None:
@@ -571,6 +586,7 @@ class ReweightedTranslationTask(TranslationTask):
             return
         self.reweighter.load_state_dict(state_dict.get("reweighter", {}))
         self._meta_itr_state = state_dict.get("meta_iterator")
+        self._meta_dir.load_state_dict(state_dict.get("meta_direction"))
         self._meta_epoch_itr = self._meta_itr = None
         if state_dict.get("reweighter"):
             self._restored = True

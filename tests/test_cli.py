@@ -116,6 +116,7 @@ def test_finetune_plain_translation_checkpoint(tiny_data, tmp_path):
     (["--teacher-states", "5"], "exposes decoder layers 1..2"),
     (["--reweight-method", "mwnet", "--teacher-length-ratio"], "--teacher-length-ratio is an input of the deep"),
     (["--meta-params", "attention"], "--meta-params 'attention': use auto, or a comma-separated list"),
+    (["--meta-grad", "fd", "--meta-ema", "0.9"], "--meta-refresh/--meta-ema reuse and average the meta direction"),
 ])
 def test_clear_errors(tiny_data, tmp_path, extra, message):
     cmd = train_cmd(tiny_data, tmp_path / "ck", "deep", max_update=2)

@@ -246,3 +246,51 @@ def test_probe_frees_each_steps_activations():
     probe.calls = []
     gc.collect()
     assert sum(r() is not None for r in refs) == 0
+
+
+def test_meta_direction_refresh_and_average():
+    """--meta-refresh K computes a fresh direction at every K-th meta update and reuses it in between;
+    --meta-ema gives the bias-corrected exponential average of the fresh ones (checked against the
+    weights written out by hand); a non-finite fresh direction is passed on but never averaged in."""
+    from fairseq_reweight.core import MetaDirection
+
+    torch.manual_seed(0)
+    fresh = [{"w": torch.randn(3, 2, dtype=torch.float64), "b": torch.randn(3, dtype=torch.float64)} for _ in range(7)]
+    made = []
+
+    def compute():
+        made.append(len(made))
+        return fresh[len(made) - 1], torch.tensor(float(len(made)))
+
+    md, decay = MetaDirection(refresh=3, decay=0.8), 0.8
+    for call in range(7):  # fresh at calls 0, 3, 6
+        d, loss = md.get(compute)
+        n = len(made)
+        assert n == call // 3 + 1 and float(loss) == n
+        weights = torch.tensor([(1 - decay) * decay ** (n - 1 - k) for k in range(n)], dtype=torch.float64)
+        weights /= weights.sum()
+        for key in ("w", "b"):
+            want = sum(wk * fresh[k][key] for k, wk in enumerate(weights))
+            assert torch.allclose(d[key], want, atol=1e-12), (call, key)
+
+    plain = MetaDirection()  # the defaults: a fresh direction every meta update, no averaging
+    made.clear()
+    for call in range(3):
+        d, _ = plain.get(compute)
+        assert len(made) == call + 1 and d is fresh[call]
+
+    state = md.state_dict()
+    bad = MetaDirection(refresh=1, decay=0.8)
+    bad.load_state_dict(state)
+    before = bad._value()
+    nan = {"w": torch.full((3, 2), float("nan"), dtype=torch.float64), "b": torch.zeros(3, dtype=torch.float64)}
+    d, _ = bad.get(lambda: (nan, torch.tensor(1.0)))
+    assert torch.isnan(d["w"]).all()  # passed on: the caller skips this meta update
+    d, _ = bad.get(lambda: (fresh[0], torch.tensor(1.0)))
+    assert bad.fresh == state["fresh"] + 1
+    want = (decay * before["w"] * (1 - decay ** state["fresh"]) + (1 - decay) * fresh[0]["w"]) / (1 - decay ** bad.fresh)
+    assert torch.allclose(d["w"], want, atol=1e-12)
+
+    for kwargs, message in (({"refresh": 0}, "--meta-refresh must be >= 1"), ({"decay": 1.0}, "--meta-ema must be")):
+        with pytest.raises(ValueError, match=message):
+            MetaDirection(**kwargs)

@@ -188,12 +188,14 @@ def test_nan_meta_loss_skips_the_teacher_update_only(tiny_data):
 
 
 # ---------------------------------------------------------------------- exact resume
-@pytest.mark.parametrize("interval", [1, 2])
+@pytest.mark.parametrize("interval", [1, 2, "refresh2-ema"])
 def test_resume_mid_epoch_continues_exactly(tiny_data, tmp_path, interval):
     """Interrupt after 3 updates (mid-epoch) and resume: the next updates' weights and losses, and the final
     student and teacher, equal those of an uninterrupted run (teacher, its Adam state and input moments,
-    the meta iterator and fairseq's per-update seeds all come back)."""
-    extra = ["--meta-interval", str(interval), "--save-interval-updates", "3", "--teacher-progress-horizon", "6"]
+    the meta iterator, the averaged meta direction and fairseq's per-update seeds all come back)."""
+    averaged = interval == "refresh2-ema"
+    extra = ["--meta-interval", "1" if averaged else str(interval), "--save-interval-updates", "3",
+             "--teacher-progress-horizon", "6"] + (["--meta-refresh", "2", "--meta-ema", "0.9"] if averaged else [])
 
     def rows(path):
         return [line.split("\t") for line in path.read_text().splitlines()[1:]]
@@ -214,3 +216,8 @@ def test_resume_mid_epoch_continues_exactly(tiny_data, tmp_path, interval):
     tb = sb["extra_state"]["ReweightedTranslationTask"]["reweighter"]["teacher"]
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
+    if averaged:  # 6 meta updates, a fresh meta batch at updates 0, 2, 4 (the run was cut at 3: a reused one)
+        da = sa["extra_state"]["ReweightedTranslationTask"]["meta_direction"]
+        db = sb["extra_state"]["ReweightedTranslationTask"]["meta_direction"]
+        assert (da["calls"], da["fresh"]) == (db["calls"], db["fresh"]) == (6, 3)
+        assert da["avg"].keys() == db["avg"].keys() and all(torch.equal(da["avg"][k], db["avg"][k]) for k in da["avg"])

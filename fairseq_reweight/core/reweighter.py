@@ -42,9 +42,17 @@ META_GRADS = ("fast", "fd", "exact")
 
 
 def check_flags(method: str, teacher_lr, meta_interval: int, teacher_states: str, meta_grad: str,
-                meta_fd_eps: float) -> None:
+                meta_fd_eps: float, meta_refresh: int = 1, meta_ema: float = 0.0) -> None:
     """Reject flag combinations that would be silently ignored (same rules for NMT and images)."""
     m = str(method)
+    if (meta_refresh != 1 or meta_ema != 0.0) and (m == "none" or str(meta_grad) != "fast"):
+        raise ValueError("--meta-refresh/--meta-ema reuse and average the meta direction of --meta-grad fast: they "
+                         f"have no effect with --reweight-method {m} --meta-grad {meta_grad}; drop them, or use a "
+                         "reweighting method with --meta-grad fast")
+    if meta_refresh < 1:
+        raise ValueError(f"--meta-refresh must be >= 1, got {meta_refresh}")
+    if not 0.0 <= meta_ema < 1.0:
+        raise ValueError(f"--meta-ema must be in [0, 1), e.g. 0.9, got {meta_ema}")
     if m not in METHODS:
         raise ValueError(f"unknown --reweight-method {m!r}; choose one of {', '.join(METHODS)}")
     if m in ("none", "l2rw") and teacher_lr is not None:

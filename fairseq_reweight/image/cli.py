@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "all (every convolution; below BatchNorm their per-example gradients are approximate); auto: fc")
     g.add_argument("--meta-lr", type=float, help="look-ahead step size (default: the current learning rate)")
     g.add_argument("--meta-batch-size", type=int, default=d.meta_batch_size, help="meta batch (default --batch-size)")
+    g.add_argument("--meta-refresh", type=int, default=d.meta_refresh,
+                   help="fast only: a fresh meta direction (one meta forward/backward) every N meta updates, reused "
+                   "in between")
+    g.add_argument("--meta-ema", type=float, default=d.meta_ema,
+                   help="fast only: exponential average of the fresh meta directions with this decay (e.g. 0.9); "
+                   "0: the latest direction")
     g.add_argument("--meta-fd-eps", type=float, default=d.meta_fd_eps,
                    help="fd only: finite-difference step relative to the parameter norm")
     g.add_argument("--teacher-lr", type=float, help="teacher Adam lr (mwnet/deep; default 1e-3)")

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from ..core import (
-    LayerProbe, Reweighter, WeightDumper, auc, capture_rng, check_flags, first_order, meta_direction, weight_stats,
+    LayerProbe, MetaDirection, Reweighter, WeightDumper, auc, capture_rng, check_flags, first_order, meta_direction, weight_stats,
 )
 from . import student
 from .augment import Augment
@@ -75,6 +75,8 @@ class TrainConfig:
     meta_lr: Optional[float] = None
     meta_batch_size: int = 0  # 0: --batch-size
     meta_fd_eps: float = 1e-3
+    meta_refresh: int = 1  # fast only: a fresh meta direction every N meta updates (core.MetaDirection)
+    meta_ema: float = 0.0  # fast only: exponential average of the fresh meta directions
     teacher_lr: Optional[float] = None
     teacher_hidden: int = 100
     teacher_states: str = "last"
@@ -93,7 +95,8 @@ class TrainConfig:
 
 def check_config(cfg: TrainConfig) -> None:
     m = cfg.reweight_method
-    check_flags(m, cfg.teacher_lr, cfg.meta_interval, cfg.teacher_states, cfg.meta_grad, cfg.meta_fd_eps)
+    check_flags(m, cfg.teacher_lr, cfg.meta_interval, cfg.teacher_states, cfg.meta_grad, cfg.meta_fd_eps,
+                cfg.meta_refresh, cfg.meta_ema)
     if m != "none" and cfg.meta_size <= 0:
         raise ValueError(f"--reweight-method {m} needs a clean meta set: --meta-size must be > 0")
     check_rate(cfg.noise_rate)
@@ -166,6 +169,7 @@ class Trainer:
         self.layers = (student.parse_teacher_states(cfg.teacher_states, self.model.num_states)
                        if cfg.reweight_method == "deep" else [])
         self.probe = LayerProbe(student.probe_layers(self.model, cfg.meta_params))  # --meta-grad fast
+        self.meta_dir = MetaDirection(cfg.meta_refresh, cfg.meta_ema)  # fresh, reused or averaged
         # separate streams: every method sees the same training batches and augmentations
         self.gen_train = torch.Generator().manual_seed(cfg.seed)
         self.gen_meta = torch.Generator().manual_seed(cfg.seed + 1)
@@ -299,9 +303,12 @@ class Trainer:
         fast = meta_step and cfg.meta_grad == "fast"
         probe = self.probe if fast else None
         if fast:
-            meta_x, meta_y = self._meta_batch()
-            direction = meta_direction(probe, list(self.model.parameters()),
-                                       lambda: student.meta_loss(self.model, meta_x, meta_y))
+            def fresh():
+                meta_x, meta_y = self._meta_batch()
+                return meta_direction(probe, list(self.model.parameters()),
+                                      lambda: student.meta_loss(self.model, meta_x, meta_y))
+
+            direction = self.meta_dir.get(fresh)
         rng = capture_rng(self.device)
         with probe.watch(capture_grads=rw.has_teacher) if fast else contextlib.nullcontext():
             out = student.forward(self.net, x, y, states=bool(self.layers))
@@ -403,6 +410,7 @@ class Trainer:
                     "meta": self.gen_meta.get_state(),
                     "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None},
             "reweighter": self.reweighter.state_dict(),
+            "meta_direction": self.meta_dir.state_dict(),
             "history": self.history, "best_acc": self.best_acc,
             "train_seconds": self.train_seconds, "train_iters": self.train_iters,
         }
@@ -432,6 +440,7 @@ class Trainer:
             self._log("--reset-teacher: ignoring the teacher state in the checkpoint")
         else:
             self.reweighter.load_state_dict(state["reweighter"])
+            self.meta_dir.load_state_dict(state.get("meta_direction"))
         self.history, self.best_acc = list(state["history"]), state["best_acc"]
         self.train_seconds, self.train_iters = state["train_seconds"], state["train_iters"]
         if self.cfg.dump_weights:
