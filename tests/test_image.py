@@ -397,12 +397,18 @@ def test_cli_trains_each_method(method, fashion, tmp_path):
         assert (w == 1).all()
 
 
-@pytest.mark.parametrize("method,meta_params", [("l2rw", "auto"), ("mwnet", "fc"), ("deep", "stage,fc")])
-def test_cli_fast_meta_gradient(method, meta_params, fashion, tmp_path):
-    """--meta-grad fast through the CLI: the teacher moves, weights are finite and normalised."""
+@pytest.mark.parametrize("method,meta_params,extra", [
+    ("l2rw", "auto", []), ("mwnet", "fc", []), ("deep", "stage,fc", []),
+    ("deep", "fc", ["--meta-refresh", "3", "--meta-ema", "0.9"]),
+])
+def test_cli_fast_meta_gradient(method, meta_params, extra, fashion, tmp_path):
+    """--meta-grad fast through the CLI: the teacher moves, weights are finite and normalised; with
+    --meta-refresh 3 a fresh meta direction is computed at updates 0, 3, 6, 9 only."""
     summary = main(tiny_args(fashion, tmp_path / "run", method, "--meta-grad", "fast", "--meta-params", meta_params,
-                             "--dump-weights", str(tmp_path / "w.tsv")))
+                             "--dump-weights", str(tmp_path / "w.tsv"), *extra))
     assert summary["finished"] and summary["meta_steps"] == 10 and summary["meta_skipped"] == 0
+    saved = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)["meta_direction"]
+    assert (saved["calls"], saved["fresh"]) == (10, 4 if extra else 10)
     w = np.loadtxt(tmp_path / "w.tsv", skiprows=1)[:, 2].reshape(10, 20)
     assert np.isfinite(w).all() and np.allclose(w.mean(1), 1.0, atol=1e-4)
     assert w[-1].std() > 1e-4  # the weights are no longer uniform: the teacher (or l2rw) reacted
@@ -414,6 +420,7 @@ def test_cli_flag_errors(fashion, tmp_path, capsys):
         ("l2rw", ["--teacher-lr", "1e-2"], "--teacher-lr has no effect"),
         ("l2rw", ["--meta-interval", "3"], "drop --meta-interval"),
         ("mwnet", ["--teacher-states", "all"], "--teacher-states only applies"),
+        ("mwnet", ["--meta-ema", "0.9"], "--meta-refresh/--meta-ema reuse and average"),  # the default is fd
         ("deep", ["--meta-size", "0"], "needs a clean meta set"),
         ("none", ["--resume"], "no checkpoint"),
         ("none", ["--data-dir", str(tmp_path / "void")], "apt-get install"),
