@@ -4,10 +4,11 @@
 Every configuration lives in its own worker process (so each has its own peak memory) and the
 workers take turns: each round, every worker runs ``--updates-per-round`` updates, in an order
 that rotates between rounds, so drift of the machine's speed hits all configurations alike. The
-first round is warm-up and is not counted. Prints the median seconds per update, its ratio to the
-plain baseline, the peak memory above the worker's state before its first update (CPU: peak RSS;
-CUDA: ``torch.cuda.max_memory_allocated``) and its ratio; writes the table to ``--out`` as
-Markdown and JSON.
+first round is warm-up and is not counted. Prints the seconds per update (each round's mean, so
+updates with and without a meta step are averaged over whole --meta-interval/--meta-refresh cycles;
+the median of those means over rounds, against outliers), its ratio to the plain baseline, the peak
+memory above the worker's state before its first update (CPU: peak RSS; CUDA:
+``torch.cuda.max_memory_allocated``) and its ratio; writes the table to ``--out`` as Markdown and JSON.
 
     # NMT: Multi30k, the tiny-cpu preset of scripts/train_translation.sh
     python scripts/bench_speed.py nmt --data data-bin/multi30k_de_en_v8000_m1000_s1
@@ -16,7 +17,7 @@ Markdown and JSON.
 
 Arguments after ``--`` go to every configuration. Configurations are ``NAME=ARGS`` (``--config``
 repeats; ARGS are appended to the reweighting command line); the built-in sets cover every method with ``--meta-grad fast``, deep
-with ``fd`` and ``exact``, and ``--meta-interval 4``.
+with ``fd`` and ``exact``, ``--meta-interval 4`` and ``--meta-refresh``.
 """
 
 import argparse
@@ -43,6 +44,9 @@ NMT_CONFIGS = [
     ("deep fast", "--reweight-method deep"),
     ("deep fast, interval 4", "--reweight-method deep --meta-interval 4"),
     ("deep fast, meta batch 1/2", "--reweight-method deep --meta-max-tokens 512"),
+    ("deep fast, refresh 4", "--reweight-method deep --meta-refresh 4 --meta-ema 0.9"),
+    ("deep fast, refresh 8", "--reweight-method deep --meta-refresh 8 --meta-ema 0.9"),
+    ("deep fast, interval 4, refresh 4", "--reweight-method deep --meta-interval 4 --meta-refresh 4 --meta-ema 0.9"),
     ("deep fd", "--reweight-method deep --meta-grad fd"),
     ("deep exact", "--reweight-method deep --meta-grad exact"),
 ]
@@ -52,6 +56,7 @@ IMAGE_CONFIGS = [  # plain = --reweight-method none: the module's own SGD step o
     ("mwnet fast", "--reweight-method mwnet --meta-grad fast"),
     ("deep fast", "--reweight-method deep --meta-grad fast"),
     ("deep fast, interval 4", "--reweight-method deep --meta-grad fast --meta-interval 4"),
+    ("deep fast, refresh 4", "--reweight-method deep --meta-grad fast --meta-refresh 4 --meta-ema 0.9"),
     ("deep fast, stage,fc", "--reweight-method deep --meta-grad fast --meta-params stage,fc"),
     ("deep fd (default)", "--reweight-method deep --meta-grad fd"),
     ("deep exact", "--reweight-method deep --meta-grad exact"),
@@ -200,7 +205,10 @@ def main(argv=None):
                    help="replace the built-in configurations (the first is the baseline; ARGS 'plain' = plain "
                         "fairseq translation / plain SGD)")
     p.add_argument("--rounds", type=int, default=6, help="rounds, the first of which is warm-up (default 6)")
-    p.add_argument("--updates-per-round", type=int, default=5)
+    p.add_argument("--updates-per-round", type=int, default=8,
+                   help="updates per round (default 8). Keep it a multiple of every --meta-interval/--meta-refresh "
+                        "compared: a round's mean then covers whole cycles of cheap and meta updates (a median over "
+                        "single updates would report only the cheap ones)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     p.add_argument("--out", default=None, help="write OUT.md and OUT.json (default: print only)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
@@ -242,7 +250,7 @@ def main(argv=None):
             conn.send(("run", a.updates_per_round))
             t = conn.recv()
             if r > 0:
-                times[name] += t
+                times[name].append(statistics.fmean(t))
         order = order[1:] + order[:1]
     mem, profiles = {}, {}
     for name, conn, _ in workers:  # peak memory first: the profiler itself allocates
@@ -263,8 +271,9 @@ def main(argv=None):
         med = statistics.median(times[name])
         rows.append({"config": name, "sec_per_update": med, "ratio": med / statistics.median(times[base]),
                      "peak_mem_mb": mem[name] / 2 ** 20, "mem_ratio": mem[name] / max(mem[base], 1),
-                     "updates_timed": len(times[name])})
-    lines = [f"| configuration | s/update (median) | × {base} | peak memory (MB) | × {base} |",
+                     "updates_timed": len(times[name]) * a.updates_per_round})
+    lines = [f"| configuration | s/update (median over rounds of the round's mean) | × {base} | peak memory (MB) | "
+             f"× {base} |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['config']} | {r['sec_per_update']:.3f} | {r['ratio']:.2f} | {r['peak_mem_mb']:.0f} | "
               f"{r['mem_ratio']:.2f} |" for r in rows]
