@@ -25,6 +25,7 @@ class SentenceOutput(NamedTuple):
     mask: torch.Tensor  # [B, T] non-pad target positions
     states: List[torch.Tensor]  # per exposed decoder layer: [B, C] mean over non-pad positions, detached
     net_output: tuple
+    encoder_out: Optional[dict] = None  # the encoder's output (None under torch DDP), for source_contrast
 
 
 def decoder_layers(features: torch.Tensor, extra) -> List[torch.Tensor]:
@@ -127,7 +128,36 @@ class ReweightedLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCrit
             for i in layers:
                 h = available[i].detach()
                 states.append((h * mask.unsqueeze(-1).to(h.dtype)).sum(1) / denom)
-        return SentenceOutput(loss.sum(1), nll.sum(1), nll.detach(), mask, states, net_output)
+        return SentenceOutput(loss.sum(1), nll.sum(1), nll.detach(), mask, states, net_output,
+                              None if _torch_ddp(model) else encoder_out)
+
+    def source_contrast(self, model, sample, out: SentenceOutput) -> torch.Tensor:
+        """``[B]``: how much each target's per-token NLL rises when the decoder reads another sentence's
+        source (the batch's sources rotated by one; batches are sorted by length, so it is a source of
+        about the same length). A pair whose target does not translate its source (misaligned, random
+        target) gains little from it. One extra decoder forward without dropout or graph; the encoder
+        output of the training pass is reused (under torch DDP the encoder runs again)."""
+        decoder, inner = check_model(model), _inner(model)
+        net_input = sample["net_input"]
+        bsz = sample["target"].size(0)
+        if bsz < 2:
+            return out.nll.new_zeros(bsz)
+        was_training = inner.training
+        try:
+            with torch.no_grad():
+                encoder_out = out.encoder_out
+                if encoder_out is None:
+                    encoder_out = inner.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+                order = torch.roll(torch.arange(bsz, device=sample["target"].device), 1)
+                rotated = inner.encoder.reorder_encoder_out(encoder_out, order)
+                decoder.eval()
+                features, extra = decoder.extract_features(net_input["prev_output_tokens"], encoder_out=rotated)
+                lprobs, target = self.get_lprobs_and_target(inner, (decoder.output_layer(features), extra), sample)
+                nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1).view(bsz, -1)
+                nll = (nll * out.mask.to(nll.dtype)).sum(1)
+        finally:
+            decoder.train(was_training)
+        return (nll - out.nll.detach()) / out.mask.sum(1).clamp_min(1).to(nll.dtype)
 
     def num_decoder_layers(self, model, sample) -> int:
         """How many layers :func:`decoder_layers` exposes for ``model`` (one small forward)."""

@@ -92,6 +92,13 @@ class ReweightedTranslationConfig(TranslationConfig):
                   "that flags misaligned pairs (scripts/meta_signal.py: raises what a teacher can fit of the "
                   "meta-gradient on noisy Multi30k from AUC 0.61 to 0.70)"},
     )
+    teacher_source_contrast: bool = field(
+        default=False,
+        metadata={"help": "deep only: also give the teacher how much each target's per-token NLL rises when the "
+                  "decoder reads another sentence's source (one extra decoder forward without graph). It flags "
+                  "targets that do not translate their source: AUC 0.93 alone on 30%% misaligned Multi30k after "
+                  "1200 updates of plain training"},
+    )
     teacher_progress_horizon: int = field(
         default=0, metadata={"help": "updates that count as progress 1.0 (default --max-update, else 10000)"}
     )
@@ -165,9 +172,11 @@ class ReweightedTranslationTask(TranslationTask):
         super().__init__(cfg, src_dict, tgt_dict)
         check_flags(cfg.reweight_method, cfg.teacher_lr, cfg.meta_interval, cfg.teacher_states, cfg.meta_grad,
                     cfg.meta_fd_eps, cfg.meta_refresh, cfg.meta_ema)
-        if cfg.teacher_length_ratio and cfg.reweight_method != "deep":
-            raise ValueError(f"--teacher-length-ratio is an input of the deep teacher, not of "
-                             f"--reweight-method {cfg.reweight_method}: drop it or use --reweight-method deep")
+        for flag in ("teacher_length_ratio", "teacher_source_contrast"):
+            if getattr(cfg, flag) and cfg.reweight_method != "deep":
+                name = "--" + flag.replace("_", "-")
+                raise ValueError(f"{name} is an input of the deep teacher, not of --reweight-method "
+                                 f"{cfg.reweight_method}: drop it or use --reweight-method deep")
         world_env = int(os.environ.get("WORLD_SIZE", "1"))
         if world_env > 1 and _rank_world()[1] == 1:
             raise RuntimeError(
@@ -374,9 +383,10 @@ class ReweightedTranslationTask(TranslationTask):
         horizon = self.cfg.teacher_progress_horizon or self.cfg.max_update or 10000
         return min(update_num / horizon, 1.0)
 
-    def teacher_features(self, out, update_num: int, sample=None) -> Optional[torch.Tensor]:
+    def teacher_features(self, out, update_num: int, sample=None, contrast=None) -> Optional[torch.Tensor]:
         """mwnet: the sentence loss; deep: pooled decoder states + token-NLL statistics (+ the log length
-        ratio with --teacher-length-ratio) + progress."""
+        ratio with --teacher-length-ratio, + ``contrast`` = criterion.source_contrast with
+        --teacher-source-contrast) + progress."""
         if self.cfg.reweight_method == "mwnet":
             return out.loss.detach().float().unsqueeze(1)
         if self.cfg.reweight_method != "deep":
@@ -393,6 +403,10 @@ class ReweightedTranslationTask(TranslationTask):
                 raise ValueError("--teacher-length-ratio needs the batch (source lengths) for the teacher's inputs")
             src = sample["net_input"]["src_lengths"].to(length).clamp_min(1)
             cols.append(length.log() - src.log())
+        if self.cfg.teacher_source_contrast:
+            if contrast is None:
+                raise ValueError("--teacher-source-contrast needs criterion.source_contrast for the teacher's inputs")
+            cols.append(contrast.to(length))
         stats = torch.stack(cols + [progress], 1)
         return torch.cat([s.float() for s in out.states] + [stats], 1)
 
@@ -423,7 +437,10 @@ class ReweightedTranslationTask(TranslationTask):
         if not ignore_grad and not bool(torch.isfinite(out.loss.detach()).all()):
             self._sentence_avg = criterion.sentence_avg
             return self._skip_nonfinite(sample, out, update_num)
-        info, w_graph = {}, None
+        info, w_graph, contrast = {}, None, None
+        if self.cfg.teacher_source_contrast and not ignore_grad and (meta_step or update_num >= rw.warmup):
+            with torch.autograd.profiler.record_function("source_contrast"):
+                contrast = criterion.source_contrast(model, sample, out)
         denom = float(sample["target"].size(0) if criterion.sentence_avg else sample["ntokens"])
         lr = self.cfg.meta_lr if self.cfg.meta_lr is not None else optimizer.get_lr()
         with torch.autograd.profiler.record_function("reweight"):
@@ -434,10 +451,10 @@ class ReweightedTranslationTask(TranslationTask):
                 probe.output_grads(out.loss.sum())
                 weights = rw.l2rw(self._first_order(probe, lr, denom, out.loss.shape[0]), info)
             elif fast:
-                weights, w_graph = rw.teacher_weights(update_num, self.teacher_features(out, update_num, sample))
+                weights, w_graph = rw.teacher_weights(update_num, self.teacher_features(out, update_num, sample, contrast))
             else:
                 meta_fn = self._meta_grad_fn(inner, criterion, sample, out, optimizer, rng, device) if meta_step else None
-                weights, info = rw.weights(update_num, self.teacher_features(out, update_num, sample), meta_fn,
+                weights, info = rw.weights(update_num, self.teacher_features(out, update_num, sample, contrast), meta_fn,
                                            batch_size=out.loss.shape[0], device=device)
         if rw.has_teacher and not self._restored:
             self._restored = True

@@ -53,6 +53,8 @@ def test_train_resume_generate(tiny_data, tmp_path, method, arch):
     extra = ["--dump-weights", tmp_path / "w.tsv"]
     if method == "deep" and arch == "transformer":
         extra += ["--teacher-states", "all", "--meta-grad", "exact"]
+    elif method == "deep":  # the optional inputs, through another architecture's reorder_encoder_out
+        extra += ["--teacher-source-contrast", "--teacher-length-ratio"]
     p = run(train_cmd(tiny_data, save, method, arch, max_update=4, extra=extra))
     assert "done training" in p.stdout
     state = load(save / "checkpoint_last.pt")
@@ -115,6 +117,7 @@ def test_finetune_plain_translation_checkpoint(tiny_data, tmp_path):
     (["--reweight-method", "l2rw", "--teacher-lr", "0.1"], "--teacher-lr has no effect"),
     (["--teacher-states", "5"], "exposes decoder layers 1..2"),
     (["--reweight-method", "mwnet", "--teacher-length-ratio"], "--teacher-length-ratio is an input of the deep"),
+    (["--reweight-method", "l2rw", "--teacher-source-contrast"], "--teacher-source-contrast is an input of the deep"),
     (["--meta-params", "attention"], "--meta-params 'attention': use auto, or a comma-separated list"),
     (["--meta-grad", "fd", "--meta-ema", "0.9"], "--meta-refresh/--meta-ema reuse and average the meta direction"),
 ])

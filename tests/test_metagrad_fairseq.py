@@ -278,3 +278,40 @@ def test_teacher_length_ratio_feature(tiny_data):
     src = sample["net_input"]["src_lengths"].float()
     assert torch.allclose(with_ratio[:, -2], (tgt / src).log())
     assert torch.allclose(with_ratio[:, :-2], plain[:, :-1]) and torch.equal(with_ratio[:, -1], plain[:, -1])
+
+
+def test_teacher_source_contrast_feature(tiny_data):
+    """--teacher-source-contrast: the per-token NLL increase of each target when the decoder reads the
+    next sentence's source, against a reference computed by hand (re-encoding the rotated sources, the
+    model in eval mode); the training pass's dropout state and the RNG stream are left alone."""
+    torch.manual_seed(0)
+    cfg, task, model, criterion = build(tiny_data, extra=("--teacher-source-contrast", "--dropout", "0.3"))
+    sample = first_batch(task, "train", model)
+    pad = task.target_dictionary.pad()
+
+    def token_nll(net_input):
+        lprobs = model.get_normalized_probs(model(**net_input), log_probs=True)
+        nll = -lprobs.gather(-1, sample["target"].unsqueeze(-1)).squeeze(-1)
+        return (nll * sample["target"].ne(pad)).sum(1)
+
+    model.eval()  # the reference: no dropout anywhere
+    with torch.no_grad():
+        ni = sample["net_input"]
+        order = torch.roll(torch.arange(sample["target"].size(0)), 1)
+        rotated = dict(ni, src_tokens=ni["src_tokens"][order], src_lengths=ni["src_lengths"][order])
+        ntok = sample["target"].ne(pad).sum(1)
+        want = (token_nll(rotated) - token_nll(ni)) / ntok
+    out = criterion.per_sentence(model, sample, task._resolve_layers(criterion, model, sample))
+    got = criterion.source_contrast(model, sample, out)
+    assert torch.allclose(got, want, atol=1e-5), (got, want)
+    assert want.abs().max() > 1e-3  # the sources matter to the (random) model: the check can fail
+
+    model.train()  # in training: dropout in the training pass, none in the contrast pass; RNG untouched
+    out = criterion.per_sentence(model, sample, task._resolve_layers(criterion, model, sample))
+    state = torch.get_rng_state()
+    got = criterion.source_contrast(model, sample, out)
+    assert torch.equal(state, torch.get_rng_state()) and model.training and model.decoder.training
+    feats = task.teacher_features(out, 3, sample, got)
+    assert torch.equal(feats[:, -2], got.float())  # just before training progress
+    with pytest.raises(ValueError, match="needs criterion.source_contrast"):
+        task.teacher_features(out, 3, sample)
