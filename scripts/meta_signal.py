@@ -70,9 +70,11 @@ def load(checkpoint, data, with_cfg=False):
     return (models[0].eval(), task, cfg) if with_cfg else (models[0].eval(), task)
 
 
-def teacher_inputs(task, cfg, model, dataset, ids, states="last", batch_sentences=50):
+def teacher_inputs(task, cfg, model, dataset, ids, states="last", batch_sentences=50, length_ratio=False,
+                   source_contrast=False):
     """The ``deep`` teacher's input features of ``ids``, computed by the task and criterion of the run
-    (any ``reweighted_translation`` checkpoint; the method is switched to ``deep`` for this)."""
+    (any ``reweighted_translation`` checkpoint; the method is switched to ``deep`` for this), with the
+    optional inputs of ``--teacher-length-ratio`` / ``--teacher-source-contrast``."""
     from omegaconf import open_dict
 
     if not hasattr(task, "teacher_features"):
@@ -81,6 +83,8 @@ def teacher_inputs(task, cfg, model, dataset, ids, states="last", batch_sentence
     with open_dict(task.cfg):
         task.cfg.reweight_method = "deep"
         task.cfg.teacher_states = states
+        task.cfg.teacher_length_ratio = length_ratio
+        task.cfg.teacher_source_contrast = source_contrast
     criterion = task.build_criterion(cfg.criterion)
     if not hasattr(criterion, "per_sentence"):
         sys.exit("meta_signal.py --teacher-ceiling: the checkpoint's criterion is not "
@@ -91,7 +95,9 @@ def teacher_inputs(task, cfg, model, dataset, ids, states="last", batch_sentence
             sample = dataset.collater([dataset[int(i)] for i in ids[start:start + batch_sentences]])
             order = sample["id"].tolist()  # the collater sorts by length
             layers = task._resolve_layers(criterion, model, sample)
-            feats = task.teacher_features(criterion.per_sentence(model, sample, layers), 0, sample)
+            out = criterion.per_sentence(model, sample, layers)
+            contrast = criterion.source_contrast(model, sample, out) if source_contrast else None
+            feats = task.teacher_features(out, 0, sample, contrast)
             by_id = dict(zip(order, feats.double().numpy()))
             rows += [by_id[int(i)] for i in ids[start:start + batch_sentences]]
     return np.array(rows)
@@ -173,6 +179,9 @@ def main(argv=None):
     p.add_argument("--teacher-ceiling", action="store_true",
                    help="also fit the deep teacher's inputs to each score (ridge, held-out half)")
     p.add_argument("--teacher-states", default="last", help="decoder layers of the teacher's inputs")
+    p.add_argument("--teacher-length-ratio", action="store_true", help="--teacher-ceiling with that optional input")
+    p.add_argument("--teacher-source-contrast", action="store_true",
+                   help="--teacher-ceiling with that optional input")
     args = p.parse_args(argv)
     flags_path = args.flags or args.data / "train.flags"
     for path, what in [(args.checkpoint, "--checkpoint"), (flags_path, "flags file")]:
@@ -216,7 +225,10 @@ def main(argv=None):
         r = res["groups"][g]
         lines.append(f"| {g} | {r['auc']:.3f} | {r['auc_cosine']:.3f} | {r['share']:.2f} |")
     if args.teacher_ceiling:
-        feats = teacher_inputs(task, cfg, model, train, ids, args.teacher_states)
+        feats = teacher_inputs(task, cfg, model, train, ids, args.teacher_states, length_ratio=args.teacher_length_ratio,
+                               source_contrast=args.teacher_source_contrast)
+        optional = [f for f, on in (("--teacher-length-ratio", args.teacher_length_ratio),
+                                    ("--teacher-source-contrast", args.teacher_source_contrast)) if on]
         c = np.array(clean)
         res["teacher_ceiling"] = {"inputs": int(feats.shape[1]), "oracle (fit to the flags)": ridge_auc(feats, c, c),
                                   **{g: ridge_auc(feats, scores[g], c) for g in GROUPS}}
@@ -225,7 +237,7 @@ def main(argv=None):
         for k, g in enumerate(GROUPS):
             lines[3 + k] += f" {res['teacher_ceiling'][g]:.3f} |"
         lines.append(f"\nTeacher fit: ridge regression of each score on the deep teacher's {feats.shape[1]} inputs "
-                     f"(`--teacher-states {args.teacher_states}`), fitted on half of the pairs, AUC of its prediction "
+                     f"(`--teacher-states {args.teacher_states}{''.join(' ' + f for f in optional)}`), fitted on half of the pairs, AUC of its prediction "
                      f"on the other half. The same fit to the flags (an oracle teacher): "
                      f"{res['teacher_ceiling']['oracle (fit to the flags)']:.3f}.")
     lines.append("\nReference scores: " + ", ".join(f"AUC({k}) {v:.3f}" for k, v in res["reference"].items()))
