@@ -433,3 +433,18 @@ def test_benchmark_report_and_dry_run(tmp_path):
     p = sh([SCRIPTS / "run_multi30k_benchmark.sh", "--dry-run", "--runs-dir", runs, "--seeds", "1 2 3"])
     lines = [x for x in p.stdout.splitlines() if x.startswith(("todo", "done"))]
     assert len(lines) == 24 and all(x.startswith("todo") for x in lines)
+
+
+def test_bench_speed_runs_and_reports_whole_cycles(noisy_bin, tmp_path):
+    """bench_speed.py end to end on a tiny data-bin (no timing is asserted): one row per configuration,
+    the first is the baseline, and every timed round covers whole --meta-refresh cycles."""
+    data, _ = noisy_bin
+    out = tmp_path / "bench"
+    p = sh([sys.executable, SCRIPTS / "bench_speed.py", "nmt", "--data", data, "--rounds", "3", "--updates-per-round",
+            "2", "--config", "plain=plain", "--config", "deep refresh 2=--reweight-method deep --meta-refresh 2 "
+            "--meta-ema 0.5", "--out", out])
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert [r["config"] for r in res["rows"]] == ["plain", "deep refresh 2"]
+    assert res["rows"][0]["ratio"] == 1.0 and all(r["updates_timed"] == 4 and r["sec_per_update"] > 0
+                                                  for r in res["rows"])
+    assert "| deep refresh 2 |" in p.stdout and "round's mean" in out.with_suffix(".md").read_text()
