@@ -315,3 +315,4 @@ def test_teacher_source_contrast_feature(tiny_data):
     assert torch.equal(feats[:, -2], got.float())  # just before training progress
     with pytest.raises(ValueError, match="needs criterion.source_contrast"):
         task.teacher_features(out, 3, sample)
+
