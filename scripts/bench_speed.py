@@ -47,6 +47,8 @@ NMT_CONFIGS = [
     ("deep fast, refresh 4", "--reweight-method deep --meta-refresh 4 --meta-ema 0.9"),
     ("deep fast, refresh 8", "--reweight-method deep --meta-refresh 8 --meta-ema 0.9"),
     ("deep fast, interval 4, refresh 4", "--reweight-method deep --meta-interval 4 --meta-refresh 4 --meta-ema 0.9"),
+    ("deep fast, refresh 4, source contrast",
+     "--reweight-method deep --meta-refresh 4 --meta-ema 0.9 --teacher-source-contrast"),
     ("deep fd", "--reweight-method deep --meta-grad fd"),
     ("deep exact", "--reweight-method deep --meta-grad exact"),
 ]
