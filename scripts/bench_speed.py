@@ -59,6 +59,8 @@ IMAGE_CONFIGS = [  # plain = --reweight-method none: the module's own SGD step o
     ("deep fast", "--reweight-method deep --meta-grad fast"),
     ("deep fast, interval 4", "--reweight-method deep --meta-grad fast --meta-interval 4"),
     ("deep fast, refresh 4", "--reweight-method deep --meta-grad fast --meta-refresh 4 --meta-ema 0.9"),
+    ("deep fast, interval 4, refresh 4",
+     "--reweight-method deep --meta-grad fast --meta-interval 4 --meta-refresh 4 --meta-ema 0.9"),
     ("deep fast, stage,fc", "--reweight-method deep --meta-grad fast --meta-params stage,fc"),
     ("deep fd (default)", "--reweight-method deep --meta-grad fd"),
     ("deep exact", "--reweight-method deep --meta-grad exact"),
