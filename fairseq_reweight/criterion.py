@@ -159,10 +159,6 @@ class ReweightedLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCrit
             decoder.train(was_training)
         return (nll - out.nll.detach()) / out.mask.sum(1).clamp_min(1).to(nll.dtype)
 
-    def num_decoder_layers(self, model, sample) -> int:
-        """How many layers :func:`decoder_layers` exposes for ``model`` (one small forward)."""
-        return num_decoder_layers(model, sample)
-
     def logging_output(self, model, sample, out: SentenceOutput, weights: torch.Tensor) -> Dict[str, float]:
         """fairseq's logging dict for a weighted batch: ``loss`` is the weighted objective,
         ``nll_loss`` stays unweighted so perplexities compare across methods."""

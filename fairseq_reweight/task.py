@@ -25,9 +25,8 @@ from omegaconf import II
 from torch import nn
 
 from .core import (
-    METHODS, LayerProbe, MetaDirection, MetaGrad, Reweighter, WeightDumper, capture_rng, check_flags, first_order, fixed_rng,
-    functional_call,
-    meta_direction, parse_states_spec, weight_gradient, weight_stats,
+    METHODS, LayerProbe, MetaDirection, MetaGrad, Reweighter, WeightDumper, capture_rng, check_flags, first_order,
+    fixed_rng, functional_call, meta_direction, parse_states_spec, weight_gradient, weight_stats,
 )
 from .criterion import check_model, num_decoder_layers
 
@@ -349,32 +348,27 @@ class ReweightedTranslationTask(TranslationTask):
             if self.reweighter.uses_meta:
                 self._meta_dataset()  # a missing, empty or mismatched meta split
             if self.cfg.reweight_method == "deep":
-                self._layers = parse_states_spec(self.cfg.teacher_states, self._count_decoder_layers(model),
-                                                 "decoder layers")
-                logger.info(f"deep teacher sees decoder layers {[i + 1 for i in self._layers]}")
+                self._resolve_layers(model)
             if self.reweighter.uses_meta and self.cfg.meta_grad == "fast":
                 probe_layers(model, self.cfg.meta_params)
         return model
 
-    def _count_decoder_layers(self, model) -> int:
-        """How many decoder states the teacher can see: one dry forward of a 1-token pair."""
-        tok = self.src_dict.nspecial if len(self.src_dict) > self.src_dict.nspecial else self.src_dict.eos()
-        out_tok = self.tgt_dict.nspecial if len(self.tgt_dict) > self.tgt_dict.nspecial else self.tgt_dict.eos()
-        sample = {"net_input": {
-            "src_tokens": torch.tensor([[tok, self.src_dict.eos()]]),
-            "src_lengths": torch.tensor([2]),
-            "prev_output_tokens": torch.tensor([[self.tgt_dict.eos(), out_tok]]),
-        }}
-        device = next(model.parameters()).device
-        sample = utils.move_to_cuda(sample, device=device) if device.type == "cuda" else sample
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # an exact resume
-            return num_decoder_layers(model, sample)
-
     # ------------------------------------------------------------------ teacher inputs
-    def _resolve_layers(self, criterion, model, sample) -> List[int]:
+    def _resolve_layers(self, model) -> List[int]:
+        """``--teacher-states`` as 0-based indices into the decoder layers ``model`` exposes, counted once with
+        a dry forward of a 1-token pair (under ``fork_rng``: an exact resume needs the RNG untouched)."""
         if self._layers is None:
-            with torch.random.fork_rng(devices=[sample["target"].device] if sample["target"].is_cuda else []):
-                n = criterion.num_decoder_layers(model, sample)  # leaves the RNG alone (exact resume)
+            tok = self.src_dict.nspecial if len(self.src_dict) > self.src_dict.nspecial else self.src_dict.eos()
+            out_tok = self.tgt_dict.nspecial if len(self.tgt_dict) > self.tgt_dict.nspecial else self.tgt_dict.eos()
+            sample = {"net_input": {
+                "src_tokens": torch.tensor([[tok, self.src_dict.eos()]]),
+                "src_lengths": torch.tensor([2]),
+                "prev_output_tokens": torch.tensor([[self.tgt_dict.eos(), out_tok]]),
+            }}
+            device = next(model.parameters()).device
+            sample = utils.move_to_cuda(sample, device=device) if device.type == "cuda" else sample
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                n = num_decoder_layers(model, sample)
             self._layers = parse_states_spec(self.cfg.teacher_states, n, "decoder layers")
             logger.info(f"deep teacher sees decoder layers {[i + 1 for i in self._layers]} of {n}")
         return self._layers
@@ -419,7 +413,7 @@ class ReweightedTranslationTask(TranslationTask):
         inner = _unwrap(model)
         device = sample["target"].device
         rw = self.reweighter
-        layers = self._resolve_layers(criterion, inner, sample) if self.cfg.reweight_method == "deep" else None
+        layers = self._resolve_layers(inner) if self.cfg.reweight_method == "deep" else None
         meta_step = rw.uses_meta and not ignore_grad and rw.is_meta_step(update_num)
         fast = meta_step and self.cfg.meta_grad == "fast"
         if fast and self._direction_update != update_num:  # first micro-batch of this update

@@ -94,7 +94,7 @@ def teacher_inputs(task, cfg, model, dataset, ids, states="last", batch_sentence
         for start in range(0, len(ids), batch_sentences):
             sample = dataset.collater([dataset[int(i)] for i in ids[start:start + batch_sentences]])
             order = sample["id"].tolist()  # the collater sorts by length
-            layers = task._resolve_layers(criterion, model, sample)
+            layers = task._resolve_layers(model)
             out = criterion.per_sentence(model, sample, layers)
             contrast = criterion.source_contrast(model, sample, out) if source_contrast else None
             feats = task.teacher_features(out, 0, sample, contrast)

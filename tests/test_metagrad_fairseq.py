@@ -8,6 +8,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from conftest import ARCHS, USER_DIR
 from fairseq_reweight.core import capture_rng, weight_gradient
+from fairseq_reweight.criterion import num_decoder_layers
 from fairseq_reweight.task import _Student
 
 
@@ -108,7 +109,7 @@ def test_teacher_states_for_any_decoder(tiny_data, arch):
     task.load_dataset("train")
     ds = task.dataset("train")
     sample = ds.collater([ds[i] for i in range(8)])  # mixed lengths, so targets are padded
-    n = criterion.num_decoder_layers(model, sample)
+    n = num_decoder_layers(model, sample)
     assert n == (2 if arch == "transformer" else 1)
     out = criterion.per_sentence(model, sample, layers=list(range(n)))
     assert len(out.states) == n and out.states[-1].shape == (sample["target"].size(0), 32)
@@ -270,7 +271,7 @@ def test_teacher_length_ratio_feature(tiny_data):
         cfg, task, model, criterion = build(tiny_data, extra=extra)
         model.eval()
         sample = first_batch(task, "train", model)
-        out = criterion.per_sentence(model, sample, task._resolve_layers(criterion, model, sample))
+        out = criterion.per_sentence(model, sample, task._resolve_layers(model))
         feats[extra] = task.teacher_features(out, 3, sample)
     plain, with_ratio = feats[()], feats[("--teacher-length-ratio",)]
     assert with_ratio.shape[1] == plain.shape[1] + 1
@@ -301,13 +302,13 @@ def test_teacher_source_contrast_feature(tiny_data):
         rotated = dict(ni, src_tokens=ni["src_tokens"][order], src_lengths=ni["src_lengths"][order])
         ntok = sample["target"].ne(pad).sum(1)
         want = (token_nll(rotated) - token_nll(ni)) / ntok
-    out = criterion.per_sentence(model, sample, task._resolve_layers(criterion, model, sample))
+    out = criterion.per_sentence(model, sample, task._resolve_layers(model))
     got = criterion.source_contrast(model, sample, out)
     assert torch.allclose(got, want, atol=1e-5), (got, want)
     assert want.abs().max() > 1e-3  # the sources matter to the (random) model: the check can fail
 
     model.train()  # in training: dropout in the training pass, none in the contrast pass; RNG untouched
-    out = criterion.per_sentence(model, sample, task._resolve_layers(criterion, model, sample))
+    out = criterion.per_sentence(model, sample, task._resolve_layers(model))
     state = torch.get_rng_state()
     got = criterion.source_contrast(model, sample, out)
     assert torch.equal(state, torch.get_rng_state()) and model.training and model.decoder.training

@@ -34,6 +34,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from .metagrad import MetaGrad
+from .probe import MetaDirection
 from .teacher import Teacher
 from .weights import l2rw_weights, normalize
 
@@ -49,10 +50,7 @@ def check_flags(method: str, teacher_lr, meta_interval: int, teacher_states: str
         raise ValueError("--meta-refresh/--meta-ema reuse and average the meta direction of --meta-grad fast: they "
                          f"have no effect with --reweight-method {m} --meta-grad {meta_grad}; drop them, or use a "
                          "reweighting method with --meta-grad fast")
-    if meta_refresh < 1:
-        raise ValueError(f"--meta-refresh must be >= 1, got {meta_refresh}")
-    if not 0.0 <= meta_ema < 1.0:
-        raise ValueError(f"--meta-ema must be in [0, 1), e.g. 0.9, got {meta_ema}")
+    MetaDirection(meta_refresh, meta_ema)  # range checks of --meta-refresh/--meta-ema
     if m not in METHODS:
         raise ValueError(f"unknown --reweight-method {m!r}; choose one of {', '.join(METHODS)}")
     if m in ("none", "l2rw") and teacher_lr is not None:
