@@ -79,6 +79,11 @@ class ReweightedTranslationConfig(TranslationConfig):
     meta_fd_eps: float = field(
         default=1e-3, metadata={"help": "fast only: finite-difference step relative to the parameter norm"}
     )
+    max_weight: Optional[float] = field(
+        default=None,
+        metadata={"help": "cap each normalised weight at this value (> 1; weights have mean 1 over the batch), so the "
+                  "weights cannot concentrate a batch on a few sentences; e.g. 2"},
+    )
     teacher_lr: Optional[float] = field(default=None, metadata={"help": "teacher Adam lr (mwnet/deep; default 1e-3)"})
     teacher_hidden: int = field(default=100, metadata={"help": "teacher MLP hidden size"})
     teacher_states: str = field(
@@ -170,7 +175,7 @@ class ReweightedTranslationTask(TranslationTask):
     def __init__(self, cfg: ReweightedTranslationConfig, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
         check_flags(cfg.reweight_method, cfg.teacher_lr, cfg.meta_interval, cfg.teacher_states, cfg.meta_grad,
-                    cfg.meta_fd_eps, cfg.meta_refresh, cfg.meta_ema)
+                    cfg.meta_fd_eps, cfg.meta_refresh, cfg.meta_ema, cfg.max_weight)
         for flag in ("teacher_length_ratio", "teacher_source_contrast"):
             if getattr(cfg, flag) and cfg.reweight_method != "deep":
                 name = "--" + flag.replace("_", "-")
@@ -202,6 +207,7 @@ class ReweightedTranslationTask(TranslationTask):
             all_reduce=_all_reduce_sum,
             world_size=_rank_world()[1],
             seed=cfg.seed,
+            max_weight=cfg.max_weight,
         )
         self._layers: Optional[List[int]] = None
         self._meta_epoch_itr = None

@@ -55,6 +55,8 @@ def test_train_resume_generate(tiny_data, tmp_path, method, arch):
         extra += ["--teacher-states", "all", "--meta-grad", "exact"]
     elif method == "deep":  # the optional inputs, through another architecture's reorder_encoder_out
         extra += ["--teacher-source-contrast", "--teacher-length-ratio"]
+    elif method == "l2rw":  # l2rw's raw weights are heavy-tailed: the cap binds
+        extra += ["--max-weight", "1.5"]
     p = run(train_cmd(tiny_data, save, method, arch, max_update=4, extra=extra))
     assert "done training" in p.stdout
     state = load(save / "checkpoint_last.pt")
@@ -70,6 +72,9 @@ def test_train_resume_generate(tiny_data, tmp_path, method, arch):
         assert rw == {} and "meta_loss=" not in p.stdout
     rows = (tmp_path / "w.tsv").read_text().splitlines()
     assert rows[0] == "update\tid\tweight\tloss" and len(rows) > 4
+    if method == "l2rw":
+        w = [float(r.split("\t")[2]) for r in rows[1:]]
+        assert max(w) == pytest.approx(1.5, abs=1e-4), "--max-weight 1.5 should bind on l2rw's weights"
 
     # resume from checkpoint_last.pt: the teacher comes back and keeps learning
     p = run(train_cmd(tiny_data, save, method, arch, max_update=7, extra=extra))
@@ -120,6 +125,8 @@ def test_finetune_plain_translation_checkpoint(tiny_data, tmp_path):
     (["--reweight-method", "l2rw", "--teacher-source-contrast"], "--teacher-source-contrast is an input of the deep"),
     (["--meta-params", "attention"], "--meta-params 'attention': use auto, or a comma-separated list"),
     (["--meta-grad", "fd", "--meta-ema", "0.9"], "--meta-refresh/--meta-ema reuse and average the meta direction"),
+    (["--reweight-method", "none", "--max-weight", "2"], "--max-weight caps the weights of a reweighting method"),
+    (["--max-weight", "1"], "--max-weight must be > 1"),
 ])
 def test_clear_errors(tiny_data, tmp_path, extra, message):
     cmd = train_cmd(tiny_data, tmp_path / "ck", "deep", max_update=2)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from fairseq_reweight.core.reweighter import check_flags
 from fairseq_reweight.core import (
     MetaGrad, Reweighter, Teacher, WeightDumper, auc, l2rw_weights, normalize, weight_gradient, weight_stats,
 )
@@ -101,6 +102,66 @@ def test_normalize_mean_one_and_teacher_starts_uniform():
     assert torch.allclose(t(x), torch.full((6,), 0.5))
     with pytest.raises(ValueError, match="features of shape"):
         t(torch.randn(6, 5))
+
+
+def _capped_reference(r, cap):
+    """Water-filling by bisection on the scale: w = min(cap, s r) with mean 1 (an independent reference)."""
+    lo, hi = 0.0, 1e12
+    for _ in range(400):
+        s = (lo + hi) / 2
+        lo, hi = (s, hi) if float(torch.clamp(s * r, max=cap).mean()) < 1 else (lo, s)
+    return torch.clamp(hi * r, max=cap)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_normalize_with_max_weight_caps_and_keeps_mean_one(seed):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.rand(40, generator=g, dtype=torch.float64) ** 6  # heavy tail: several rounds of water-filling
+    for cap in (1.5, 2.0, 4.0):
+        w = normalize(r, max_weight=cap)
+        assert float(w.max()) <= cap + 1e-12 and float(w.mean()) == pytest.approx(1.0, abs=1e-12)
+        assert torch.allclose(w, _capped_reference(r, cap), atol=1e-9)
+        assert int((w == cap).sum()) >= 2  # the cap binds for more than the largest weight
+        order = torch.argsort(r)
+        assert bool((w[order].diff() >= -1e-12).all())  # the ranking is kept
+    assert torch.equal(normalize(r, max_weight=1e9), normalize(r))  # a cap that does not bind changes nothing
+
+
+def test_normalize_with_max_weight_gradient_matches_finite_differences():
+    g = torch.Generator().manual_seed(3)
+    r = (torch.rand(12, generator=g, dtype=torch.float64) ** 4).requires_grad_()
+    v = torch.randn(12, generator=g, dtype=torch.float64)
+    w = normalize(r, max_weight=2.0)
+    assert 0 < int((w == 2.0).sum()) < 12
+    (grad,) = torch.autograd.grad((w * v).sum(), r)
+    h = 1e-6
+    for i in range(12):
+        e = torch.zeros(12, dtype=torch.float64)
+        e[i] = h
+        fd = ((normalize(r + e, 2.0) - normalize(r - e, 2.0)) * v).sum() / (2 * h)
+        assert float(grad[i]) == pytest.approx(float(fd), rel=1e-5, abs=1e-8)
+
+
+def test_normalize_with_max_weight_few_positive_and_flags():
+    w = normalize(torch.tensor([0.0, 3.0, 0.0, 0.0, 1.0, 0.0]), max_weight=2.0)
+    assert torch.equal(w, torch.tensor([0.0, 2.0, 0.0, 0.0, 2.0, 0.0]))  # fewer than B/C positive: sum < B
+    w, fell_back = l2rw_weights(torch.tensor([-5.0, -1.0, -1.0, -1.0]), max_weight=1.5)
+    assert not fell_back and float(w.max()) == 1.5 and float(w.mean()) == pytest.approx(1.0)
+    for bad in (1.0, 0.5, -2.0):
+        with pytest.raises(ValueError, match="--max-weight must be > 1"):
+            Reweighter("deep", max_weight=bad)
+    with pytest.raises(ValueError, match="--max-weight caps"):
+        check_flags("none", None, 1, "last", "fast", 1e-3, max_weight=2.0)
+    feats = torch.tensor([[0.0], [0.0], [0.0], [10.0], [-10.0]])
+    got = {}
+    for cap in (None, 1.5):  # the same teacher, which strongly prefers two examples, with and without the cap
+        rw = Reweighter("mwnet", max_weight=cap)
+        rw.ensure_teacher(1, torch.device("cpu"))
+        torch.manual_seed(0)
+        torch.nn.init.normal_(rw.teacher.out.weight, std=1.0)
+        got[cap] = rw.teacher_weights(0, feats)[0]
+    assert float(got[None].max()) > 2 and float(got[1.5].max()) == pytest.approx(1.5)
+    assert float(got[1.5].mean()) == pytest.approx(1.0)
 
 
 def test_weight_stats_and_auc():

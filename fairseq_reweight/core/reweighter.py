@@ -17,7 +17,7 @@ Before step ``warmup`` every method trains with uniform weights and the teacher 
 in training nearly every example's gradient agrees with the meta gradient, and the look-ahead then
 favours high-loss (often corrupted) examples; a short plain warm-up lets the student first learn
 what the clean majority agrees on.
-Teacher update (mwnet/deep, every ``meta_interval`` steps): ``w = normalize(teacher(x))``, the
+Teacher update (mwnet/deep, every ``meta_interval`` steps): ``w = normalize(teacher(x), max_weight)``, the
 meta-gradient ``dL_meta/dw`` at that ``w`` is back-propagated through the normalisation and the
 teacher, then one Adam step; the weights returned are recomputed with the updated teacher.
 A non-finite meta-gradient or meta loss skips the teacher update (counted in ``info``).
@@ -36,16 +36,21 @@ import torch
 from .metagrad import MetaGrad
 from .probe import MetaDirection
 from .teacher import Teacher
-from .weights import l2rw_weights, normalize
+from .weights import check_max_weight, l2rw_weights, normalize
 
 METHODS = ("none", "l2rw", "mwnet", "deep")
 META_GRADS = ("fast", "fd", "exact")
 
 
 def check_flags(method: str, teacher_lr, meta_interval: int, teacher_states: str, meta_grad: str,
-                meta_fd_eps: float, meta_refresh: int = 1, meta_ema: float = 0.0) -> None:
+                meta_fd_eps: float, meta_refresh: int = 1, meta_ema: float = 0.0,
+                max_weight: Optional[float] = None) -> None:
     """Reject flag combinations that would be silently ignored (same rules for NMT and images)."""
     m = str(method)
+    check_max_weight(max_weight)
+    if max_weight is not None and m == "none":
+        raise ValueError("--max-weight caps the weights of a reweighting method; with --reweight-method none every "
+                         "weight is 1: drop it, or choose l2rw/mwnet/deep")
     if (meta_refresh != 1 or meta_ema != 0.0) and (m == "none" or str(meta_grad) != "fast"):
         raise ValueError("--meta-refresh/--meta-ema reuse and average the meta direction of --meta-grad fast: they "
                          f"have no effect with --reweight-method {m} --meta-grad {meta_grad}; drop them, or use a "
@@ -81,12 +86,15 @@ class Reweighter:
         all_reduce: Optional[Callable[[torch.Tensor], None]] = None,
         world_size: int = 1,
         seed: int = 0,
+        max_weight: Optional[float] = None,
     ):
         if str(method) not in METHODS:
             raise ValueError(f"unknown reweighting method {method!r}; choose one of {', '.join(METHODS)}")
         if meta_interval < 1:
             raise ValueError(f"meta interval must be >= 1, got {meta_interval}")
+        check_max_weight(max_weight)
         self.method = str(method)
+        self.max_weight = max_weight  # cap of the normalised weights (None: no cap), see weights.normalize
         self.meta_interval = meta_interval
         self.warmup = warmup  # steps of plain (uniform) training before any reweighting or teacher update
         self.teacher_lr = teacher_lr
@@ -192,7 +200,7 @@ class Reweighter:
         feats = features.detach().float()
         teacher.norm.update(feats[:, : feats.shape[1] - teacher.passthrough])
         if self.is_meta_step(step):
-            w = normalize(teacher(feats))
+            w = normalize(teacher(feats), self.max_weight)
             mg = meta_grad_fn(w.detach())
             self.zero_teacher_grad()
             self._accumulated = int(self._count(info, mg) and self._backward(w, mg))
@@ -200,12 +208,12 @@ class Reweighter:
                 self.optimizer.step()
             self.zero_teacher_grad()
         with torch.no_grad():
-            w = normalize(teacher(feats))
+            w = normalize(teacher(feats), self.max_weight)
         return w, info
 
     def l2rw(self, mg: MetaGrad, info: Dict[str, float]) -> torch.Tensor:
         """L2RW weights from the meta-gradient at ``w = 0`` (uniform if no example helps)."""
-        w, fell_back = l2rw_weights(mg.grad_w)
+        w, fell_back = l2rw_weights(mg.grad_w, self.max_weight)
         self._count(info, mg)
         info["l2rw_uniform"] = float(fell_back)
         return w
@@ -220,10 +228,10 @@ class Reweighter:
         feats = features.detach().float()
         teacher.norm.accumulate(feats[:, : feats.shape[1] - teacher.passthrough])  # folded in by step_teacher
         if self.is_meta_step(step):
-            w = normalize(teacher(feats))
+            w = normalize(teacher(feats), self.max_weight)
             return w.detach(), w
         with torch.no_grad():
-            return normalize(teacher(feats)), None
+            return normalize(teacher(feats), self.max_weight), None
 
     def accumulate(self, w: torch.Tensor, mg: MetaGrad, info: Dict[str, float]) -> bool:
         """Back-propagate ``dL_meta/dw`` through the weights ``w`` into the teacher's gradients."""

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "0: the latest direction")
     g.add_argument("--meta-fd-eps", type=float, default=d.meta_fd_eps,
                    help="fd only: finite-difference step relative to the parameter norm")
+    g.add_argument("--max-weight", type=float,
+                   help="cap each normalised weight at this value (> 1; weights have mean 1 over the batch), so the "
+                   "weights cannot concentrate a batch on a few examples; e.g. 2")
     g.add_argument("--teacher-lr", type=float, help="teacher Adam lr (mwnet/deep; default 1e-3)")
     g.add_argument("--teacher-hidden", type=int, default=d.teacher_hidden, help="teacher MLP hidden size")
     g.add_argument("--teacher-states", default=d.teacher_states,

@@ -77,6 +77,7 @@ class TrainConfig:
     meta_fd_eps: float = 1e-3
     meta_refresh: int = 1  # fast only: a fresh meta direction every N meta updates (core.MetaDirection)
     meta_ema: float = 0.0  # fast only: exponential average of the fresh meta directions
+    max_weight: Optional[float] = None  # cap of the normalised weights (core.weights.normalize)
     teacher_lr: Optional[float] = None
     teacher_hidden: int = 100
     teacher_states: str = "last"
@@ -96,7 +97,7 @@ class TrainConfig:
 def check_config(cfg: TrainConfig) -> None:
     m = cfg.reweight_method
     check_flags(m, cfg.teacher_lr, cfg.meta_interval, cfg.teacher_states, cfg.meta_grad, cfg.meta_fd_eps,
-                cfg.meta_refresh, cfg.meta_ema)
+                cfg.meta_refresh, cfg.meta_ema, cfg.max_weight)
     if m != "none" and cfg.meta_size <= 0:
         raise ValueError(f"--reweight-method {m} needs a clean meta set: --meta-size must be > 0")
     check_rate(cfg.noise_rate)
@@ -165,7 +166,7 @@ class Trainer:
                                      teacher_hidden=cfg.teacher_hidden,
                                      passthrough=student.passthrough(cfg.reweight_method, self.num_classes),
                                      all_reduce=_all_reduce_sum if self.world > 1 else None, world_size=self.world,
-                                     seed=cfg.seed)
+                                     seed=cfg.seed, max_weight=cfg.max_weight)
         self.layers = (student.parse_teacher_states(cfg.teacher_states, self.model.num_states)
                        if cfg.reweight_method == "deep" else [])
         self.probe = LayerProbe(student.probe_layers(self.model, cfg.meta_params))  # --meta-grad fast
