@@ -86,6 +86,11 @@ class ReweightedTranslationConfig(TranslationConfig):
     )
     teacher_lr: Optional[float] = field(default=None, metadata={"help": "teacher Adam lr (mwnet/deep; default 1e-3)"})
     teacher_hidden: int = field(default=100, metadata={"help": "teacher MLP hidden size"})
+    teacher_weight_decay: float = field(
+        default=0.0,
+        metadata={"help": "decoupled (AdamW) weight decay of the teacher: each step shrinks its parameters by "
+                  "teacher-lr x this, bounding the drift a noisy meta-gradient drives on uninformative inputs"},
+    )
     teacher_states: str = field(
         default="last",
         metadata={"help": "decoder layers the deep teacher sees: last, all, or 1-based indices like 1,3"},
@@ -203,6 +208,7 @@ class ReweightedTranslationTask(TranslationTask):
             warmup=cfg.reweight_warmup,
             teacher_lr=cfg.teacher_lr if cfg.teacher_lr is not None else 1e-3,
             teacher_hidden=cfg.teacher_hidden,
+            teacher_weight_decay=cfg.teacher_weight_decay,
             passthrough=1 if cfg.reweight_method == "deep" else 0,  # training progress, already in [0, 1]
             all_reduce=_all_reduce_sum,
             world_size=_rank_world()[1],

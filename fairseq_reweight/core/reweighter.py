@@ -87,6 +87,7 @@ class Reweighter:
         world_size: int = 1,
         seed: int = 0,
         max_weight: Optional[float] = None,
+        teacher_weight_decay: float = 0.0,
     ):
         if str(method) not in METHODS:
             raise ValueError(f"unknown reweighting method {method!r}; choose one of {', '.join(METHODS)}")
@@ -99,6 +100,14 @@ class Reweighter:
         self.warmup = warmup  # steps of plain (uniform) training before any reweighting or teacher update
         self.teacher_lr = teacher_lr
         self.teacher_hidden = teacher_hidden
+        if not teacher_weight_decay >= 0:
+            raise ValueError(f"--teacher-weight-decay must be >= 0, got {teacher_weight_decay}")
+        if teacher_weight_decay and str(method) not in ("mwnet", "deep"):
+            raise ValueError(f"--teacher-weight-decay has no effect with --reweight-method {method} (no teacher): "
+                             "drop it, or use --reweight-method mwnet/deep")
+        # decoupled (AdamW): each step shrinks the teacher's parameters by lr * decay, which bounds the random
+        # walk that a noisy meta-gradient drives on inputs that carry no signal
+        self.teacher_weight_decay = teacher_weight_decay
         self.teacher_layers = teacher_layers
         self.passthrough = passthrough  # last feature columns the teacher does not standardise
         # data parallel: an in-place sum over workers; the teacher's gradients, its input moments and the
@@ -133,7 +142,10 @@ class Reweighter:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
                 self.teacher = Teacher(in_dim, self.teacher_hidden, self.teacher_layers, self.passthrough).to(device)
-            self.optimizer = torch.optim.Adam(self.teacher.parameters(), lr=self.teacher_lr)
+            self.optimizer = (torch.optim.AdamW(self.teacher.parameters(), lr=self.teacher_lr,
+                                                weight_decay=self.teacher_weight_decay)
+                              if self.teacher_weight_decay > 0 else
+                              torch.optim.Adam(self.teacher.parameters(), lr=self.teacher_lr))
             if self._pending is not None:
                 state, self._pending = self._pending, None
                 if state["in_dim"] != in_dim:

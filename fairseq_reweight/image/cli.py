@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "weights cannot concentrate a batch on a few examples; e.g. 2")
     g.add_argument("--teacher-lr", type=float, help="teacher Adam lr (mwnet/deep; default 1e-3)")
     g.add_argument("--teacher-hidden", type=int, default=d.teacher_hidden, help="teacher MLP hidden size")
+    g.add_argument("--teacher-weight-decay", type=float, default=d.teacher_weight_decay,
+                   help="decoupled (AdamW) weight decay of the teacher: each step shrinks its parameters by "
+                   "teacher-lr x this, bounding the drift a noisy meta-gradient drives on uninformative inputs")
     g.add_argument("--teacher-states", default=d.teacher_states,
                    help="student states the deep teacher sees: last (penultimate features), all, or 1-based "
                    "stage indices like 1,3")

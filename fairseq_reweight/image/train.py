@@ -80,6 +80,7 @@ class TrainConfig:
     max_weight: Optional[float] = None  # cap of the normalised weights (core.weights.normalize)
     teacher_lr: Optional[float] = None
     teacher_hidden: int = 100
+    teacher_weight_decay: float = 0.0  # decoupled (AdamW) decay of the teacher's parameters
     teacher_states: str = "last"
     teacher_progress_horizon: int = 0  # updates that count as progress 1.0 (0: all the run's updates)
     reset_teacher: bool = False
@@ -166,7 +167,8 @@ class Trainer:
                                      teacher_hidden=cfg.teacher_hidden,
                                      passthrough=student.passthrough(cfg.reweight_method, self.num_classes),
                                      all_reduce=_all_reduce_sum if self.world > 1 else None, world_size=self.world,
-                                     seed=cfg.seed, max_weight=cfg.max_weight)
+                                     seed=cfg.seed, max_weight=cfg.max_weight,
+                                     teacher_weight_decay=cfg.teacher_weight_decay)
         self.layers = (student.parse_teacher_states(cfg.teacher_states, self.model.num_states)
                        if cfg.reweight_method == "deep" else [])
         self.probe = LayerProbe(student.probe_layers(self.model, cfg.meta_params))  # --meta-grad fast
