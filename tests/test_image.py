@@ -496,8 +496,11 @@ def test_compare_writes_results_and_skips_finished_runs(fashion, tmp_path, capsy
     from fairseq_reweight.image import compare
 
     args = ["--out", str(tmp_path / "runs"), "--results", str(tmp_path / "report" / "RESULTS.md"), "--methods",
-            "none,deep", "--threads", "1", *tiny_args(fashion, "unused", "none")[:18], "--no-progress"]
-    compare.main(args)
+            "none,deep", "--threads", "1", *tiny_args(fashion, "unused", "none")[:18], "--no-progress",
+            "--deep-args", "--max-weight 1.5 --teacher-weight-decay 2"]
+    compare.main(args)  # none would refuse --max-weight: the deep-only flags must reach deep alone
+    config = json.loads((tmp_path / "runs" / "deep" / "log.json").read_text())["config"]
+    assert (config["max_weight"], config["teacher_weight_decay"]) == (1.5, 2.0)
     text = (tmp_path / "report" / "RESULTS.md").read_text()
     assert "| none |" in text and "| deep |" in text and "weight AUC of deep >= 0.9" in text
     assert (tmp_path / "report" / "accuracy.png").stat().st_size > 0
