@@ -180,7 +180,7 @@ class ReweightedTranslationTask(TranslationTask):
     def __init__(self, cfg: ReweightedTranslationConfig, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
         check_flags(cfg.reweight_method, cfg.teacher_lr, cfg.meta_interval, cfg.teacher_states, cfg.meta_grad,
-                    cfg.meta_fd_eps, cfg.meta_refresh, cfg.meta_ema, cfg.max_weight)
+                    cfg.meta_fd_eps, cfg.meta_refresh, cfg.meta_ema, cfg.max_weight, cfg.teacher_weight_decay)
         for flag in ("teacher_length_ratio", "teacher_source_contrast"):
             if getattr(cfg, flag) and cfg.reweight_method != "deep":
                 name = "--" + flag.replace("_", "-")

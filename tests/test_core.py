@@ -384,4 +384,4 @@ def test_teacher_weight_decay_bounds_drift_under_pure_noise():
         with pytest.raises(ValueError, match=msg):
             Reweighter("deep", teacher_weight_decay=bad)
     with pytest.raises(ValueError, match="--teacher-weight-decay has no effect"):
-        Reweighter("l2rw", teacher_weight_decay=1.0)
+        check_flags("l2rw", None, 1, "last", "fast", 1e-3, teacher_weight_decay=1.0)

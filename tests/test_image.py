@@ -422,6 +422,7 @@ def test_cli_flag_errors(fashion, tmp_path, capsys):
     for method, extra, msg in [
         ("none", ["--teacher-lr", "1e-2"], "--teacher-lr has no effect"),
         ("l2rw", ["--teacher-lr", "1e-2"], "--teacher-lr has no effect"),
+        ("l2rw", ["--teacher-weight-decay", "1"], "--teacher-weight-decay has no effect"),
         ("l2rw", ["--meta-interval", "3"], "drop --meta-interval"),
         ("mwnet", ["--teacher-states", "all"], "--teacher-states only applies"),
         ("mwnet", ["--meta-ema", "0.9"], "--meta-refresh/--meta-ema reuse and average"),  # the default is fd

@@ -44,7 +44,7 @@ META_GRADS = ("fast", "fd", "exact")
 
 def check_flags(method: str, teacher_lr, meta_interval: int, teacher_states: str, meta_grad: str,
                 meta_fd_eps: float, meta_refresh: int = 1, meta_ema: float = 0.0,
-                max_weight: Optional[float] = None) -> None:
+                max_weight: Optional[float] = None, teacher_weight_decay: float = 0.0) -> None:
     """Reject flag combinations that would be silently ignored (same rules for NMT and images)."""
     m = str(method)
     check_max_weight(max_weight)
@@ -58,9 +58,10 @@ def check_flags(method: str, teacher_lr, meta_interval: int, teacher_states: str
     MetaDirection(meta_refresh, meta_ema)  # range checks of --meta-refresh/--meta-ema
     if m not in METHODS:
         raise ValueError(f"unknown --reweight-method {m!r}; choose one of {', '.join(METHODS)}")
-    if m in ("none", "l2rw") and teacher_lr is not None:
-        raise ValueError(f"--teacher-lr has no effect with --reweight-method {m} (no teacher): drop it, "
-                         "or use --reweight-method mwnet/deep")
+    for flag, value in (("--teacher-lr", teacher_lr), ("--teacher-weight-decay", teacher_weight_decay or None)):
+        if m in ("none", "l2rw") and value is not None:
+            raise ValueError(f"{flag} has no effect with --reweight-method {m} (no teacher): drop it, "
+                             "or use --reweight-method mwnet/deep")
     if m == "l2rw" and meta_interval != 1:
         raise ValueError("l2rw computes weights from the meta-gradient at every update: drop --meta-interval")
     if meta_interval < 1:
@@ -102,9 +103,6 @@ class Reweighter:
         self.teacher_hidden = teacher_hidden
         if not teacher_weight_decay >= 0:
             raise ValueError(f"--teacher-weight-decay must be >= 0, got {teacher_weight_decay}")
-        if teacher_weight_decay and str(method) not in ("mwnet", "deep"):
-            raise ValueError(f"--teacher-weight-decay has no effect with --reweight-method {method} (no teacher): "
-                             "drop it, or use --reweight-method mwnet/deep")
         # decoupled (AdamW): each step shrinks the teacher's parameters by lr * decay, which bounds the random
         # walk that a noisy meta-gradient drives on inputs that carry no signal
         self.teacher_weight_decay = teacher_weight_decay
