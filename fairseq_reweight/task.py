@@ -559,7 +559,8 @@ class ReweightedTranslationTask(TranslationTask):
         if not self.cfg.dump_weights:
             return
         if self._dumper is None:
-            self._dumper = WeightDumper(self.cfg.dump_weights, rank=_rank_world()[0])
+            # the first update after a resume is the checkpoint's count: drop rows written after it
+            self._dumper = WeightDumper(self.cfg.dump_weights, rank=_rank_world()[0], keep_before=update_num or None)
         self._dumper.write(update_num, sample["id"], weights, losses)
         self._dumper.flush()
 

@@ -202,6 +202,8 @@ def test_resume_mid_epoch_continues_exactly(tiny_data, tmp_path, interval):
 
     run(train_cmd(tiny_data, tmp_path / "a", "deep", max_update=6, extra=extra + ["--dump-weights", tmp_path / "a.tsv"]))
     run(train_cmd(tiny_data, tmp_path / "b", "deep", max_update=3, extra=extra + ["--dump-weights", tmp_path / "b.tsv"]))
+    with open(tmp_path / "b.tsv", "a") as f:  # a row of an update after the checkpoint, as if interrupted
+        f.write("3\t0\t1\t1\n")
     out = run(train_cmd(tiny_data, tmp_path / "b", "deep", max_update=6,
                         extra=extra + ["--dump-weights", tmp_path / "b.tsv"])).stdout
     assert "restored the deep teacher" in out

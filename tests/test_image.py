@@ -539,5 +539,11 @@ def test_torchrun_two_workers_keep_one_teacher(fashion, tmp_path):
     a = np.loadtxt(tmp_path / "w.tsv", skiprows=1)
     b = np.loadtxt(tmp_path / "w.tsv.rank1", skiprows=1)
     assert len(a) == len(b) == 100 and not set(a[:, 1]) & set(b[:, 1])  # disjoint batches
+    for name in ("w.tsv", "w.tsv.rank1"):  # rows of an update after the checkpoint, as if interrupted
+        with open(tmp_path / name, "a") as f:
+            f.write("5\t1\t1.0\t1.0\n")
     out = launch("--epochs", "2", "--resume")
     assert json.loads((tmp_path / "run" / "log.json").read_text())["summary"]["updates"] == 10
+    for name in ("w.tsv", "w.tsv.rank1"):  # each worker dropped its own stray row (not the other's file)
+        rows = np.loadtxt(tmp_path / name, skiprows=1)
+        assert len(rows) == 200 and np.array_equal(np.bincount(rows[:, 0].astype(int)), [20] * 10), name

@@ -60,14 +60,23 @@ def auc(scores: Iterable[float], positives: Iterable[int]) -> float:
 class WeightDumper:
     """Appends ``update<TAB>id<TAB>weight<TAB>loss`` rows (one per example) to a TSV file.
 
-    One file per process: under distributed training rank r > 0 writes ``FILE.rank{r}``.
+    One file per process: under distributed training rank r > 0 writes ``FILE.rank{r}``. A resumed run
+    passes ``keep_before`` (the checkpoint's update count): this process's rows of later updates, written
+    before the interruption, are dropped so the file holds each update once.
     """
 
     HEADER = "update\tid\tweight\tloss\n"
 
-    def __init__(self, path: str, rank: int = 0):
+    def __init__(self, path: str, rank: int = 0, keep_before: Optional[int] = None):
         self.path = path if rank == 0 else f"{path}.rank{rank}"
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        if keep_before is not None and os.path.isfile(self.path):
+            tmp = f"{self.path}.tmp"
+            with open(self.path) as src, open(tmp, "w") as dst:
+                for i, line in enumerate(src):
+                    if i == 0 or int(line.split("\t", 1)[0]) < keep_before:
+                        dst.write(line)
+            os.replace(tmp, self.path)
         new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
         self._f = open(self.path, "a", buffering=1 << 16)
         if new:

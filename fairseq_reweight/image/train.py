@@ -235,7 +235,7 @@ class Trainer:
                   f"images; {cfg.arch} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters); "
                   f"--reweight-method {cfg.reweight_method} on {self.device}")
         if cfg.dump_weights:
-            self.dumper = WeightDumper(cfg.dump_weights, rank=self.rank)
+            self.dumper = WeightDumper(cfg.dump_weights, rank=self.rank, keep_before=self.updates if cfg.resume else None)
         try:
             while self.epoch < cfg.epochs:
                 record = self._train_epoch()
@@ -446,8 +446,6 @@ class Trainer:
             self.meta_dir.load_state_dict(state.get("meta_direction"))
         self.history, self.best_acc = list(state["history"]), state["best_acc"]
         self.train_seconds, self.train_iters = state["train_seconds"], state["train_iters"]
-        if self.cfg.dump_weights:
-            _truncate_dump(self.cfg.dump_weights, self.updates)
         teacher = f", teacher after {self.reweighter.meta_steps} meta updates" if self.reweighter.has_teacher else ""
         self._log(f"resumed from {path}: epoch {self.epoch}, {self.updates} updates{teacher}")
 
@@ -484,18 +482,6 @@ class Trainer:
         if self.rank != 0:
             return
         tqdm.write(msg) if self.cfg.progress else print(msg, flush=True)
-
-
-def _truncate_dump(path: str, updates: int) -> None:
-    """Drop dump rows of updates after the checkpoint (written before an interruption)."""
-    if not os.path.isfile(path):
-        return
-    tmp = f"{path}.tmp"
-    with open(path) as src, open(tmp, "w") as dst:
-        for i, line in enumerate(src):
-            if i == 0 or int(line.split("\t", 1)[0]) < updates:
-                dst.write(line)
-    os.replace(tmp, path)
 
 
 def _fmt(v) -> str:
