@@ -135,6 +135,24 @@ def meta_gradient(model, dataset, pad, batch_sentences=100):
     return {name: p.grad.detach() / tokens for name, p in model.named_parameters() if p.grad is not None}
 
 
+def adam_precondition(checkpoint, model, meta_grad):
+    """``meta_grad`` divided by the student's Adam denominator sqrt(v_hat) + eps (the checkpoint's
+    optimizer state): the look-ahead along the step Adam would take rather than along the raw gradient."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["last_optimizer_state"]
+    group = state["param_groups"][0]
+    params = [n for n, p in model.named_parameters() if p.requires_grad]
+    if len(state["state"]) != len(params) or "exp_avg_sq" not in state["state"][0]:
+        sys.exit("meta_signal.py --precondition adam: the checkpoint's optimizer state is not Adam's over "
+                 "this model's parameters")
+    out = {}
+    for k, name in enumerate(params):
+        st = state["state"][k]
+        v_hat = st["exp_avg_sq"] / (1 - group["betas"][1] ** float(st["step"]))
+        if name in meta_grad:
+            out[name] = meta_grad[name] / (v_hat.sqrt() + group["eps"])
+    return out
+
+
 def sentence_scores(model, dataset, ids, meta_grad, pad, progress=True):
     """Per-sentence ``<meta_grad, grad ℓ_i>`` by group, the loss, its length and gradient norm."""
     from tqdm import tqdm
@@ -176,6 +194,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--precondition", choices=["none", "adam"], default="none",
+                   help="adam: score <P dL_meta, dl_i> with the student's Adam preconditioner P from the checkpoint")
     p.add_argument("--teacher-ceiling", action="store_true",
                    help="also fit the deep teacher's inputs to each score (ridge, held-out half)")
     p.add_argument("--teacher-states", default="last", help="decoder layers of the teacher's inputs")
@@ -203,6 +223,8 @@ def main(argv=None):
                  "pairs; pass the flags file written with this data-bin")
     pad = task.target_dictionary.pad()
     gm = meta_gradient(model, meta, pad)
+    if args.precondition == "adam":
+        gm = adam_precondition(args.checkpoint, model, gm)
     ids = np.random.default_rng(args.seed).choice(len(train), min(args.num, len(train)), replace=False)
     scores, loss, ntok, gnorm = sentence_scores(model, train, ids, gm, pad)
     clean = (1 - flags[ids]).tolist()
@@ -217,8 +239,10 @@ def main(argv=None):
         "groups": {g: {"auc": auc(scores[g], clean), "auc_cosine": auc(scores[g] / np.maximum(gnorm, 1e-30), clean),
                        "share": share[g]} for g in GROUPS},
     }
+    res["precondition"] = args.precondition
+    pre = ", meta gradient preconditioned by the student's Adam state" if args.precondition == "adam" else ""
     lines = [f"Meta-gradient signal at `{args.checkpoint}` ({len(ids)} training pairs, "
-             f"{res['corrupted_fraction']:.0%} corrupted; exact per-sentence gradients, dropout off)\n",
+             f"{res['corrupted_fraction']:.0%} corrupted; exact per-sentence gradients, dropout off{pre})\n",
              "| group (`--meta-params`) | AUC of ⟨∇L_meta, ∇ℓ_i⟩ | AUC of the cosine | mean \\|score\\| / all |",
              "|---|---|---|---|"]
     for g in GROUPS:
