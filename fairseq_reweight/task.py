@@ -25,8 +25,9 @@ from omegaconf import II
 from torch import nn
 
 from .core import (
-    METHODS, LayerProbe, MetaDirection, MetaGrad, Reweighter, WeightDumper, capture_rng, check_flags, first_order,
-    fixed_rng, functional_call, meta_direction, parse_states_spec, weight_gradient, weight_stats,
+    METHODS, LayerProbe, MetaDirection, MetaGrad, Reweighter, WeightDumper, adam_precondition, capture_rng,
+    check_flags, first_order, fixed_rng, functional_call, meta_direction, parse_states_spec, weight_gradient,
+    weight_stats,
 )
 from .criterion import check_model, num_decoder_layers
 
@@ -58,6 +59,12 @@ class ReweightedTranslationConfig(TranslationConfig):
                   "(the token embeddings), ffn (the last decoder layer's fc1/fc2), decoder / encoder (every "
                   "transformer layer's fc1/fc2), output (the output projection); auto: encoder for transformers, else "
                   "embed (else output)"},
+    )
+    meta_precondition: ChoiceEnum(["none", "adam"]) = field(
+        default="none",
+        metadata={"help": "fast only: adam scores each sentence along the step the student's Adam would take, "
+                  "<P grad L_meta, grad l_i> with P = 1/(sqrt(v_hat)+eps) from the optimizer's second moments "
+                  "(the look-ahead of an Adam student); none: along the raw gradient, as in the papers"},
     )
     meta_lr: Optional[float] = field(
         default=None, metadata={"help": "step size of the look-ahead (default: the current learning rate)"}
@@ -180,7 +187,8 @@ class ReweightedTranslationTask(TranslationTask):
     def __init__(self, cfg: ReweightedTranslationConfig, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
         check_flags(cfg.reweight_method, cfg.teacher_lr, cfg.meta_interval, cfg.teacher_states, cfg.meta_grad,
-                    cfg.meta_fd_eps, cfg.meta_refresh, cfg.meta_ema, cfg.max_weight, cfg.teacher_weight_decay)
+                    cfg.meta_fd_eps, cfg.meta_refresh, cfg.meta_ema, cfg.max_weight, cfg.teacher_weight_decay,
+                    cfg.meta_precondition)
         for flag in ("teacher_length_ratio", "teacher_source_contrast"):
             if getattr(cfg, flag) and cfg.reweight_method != "deep":
                 name = "--" + flag.replace("_", "-")
@@ -431,6 +439,10 @@ class ReweightedTranslationTask(TranslationTask):
         if fast and self._direction_update != update_num:  # first micro-batch of this update
             with torch.autograd.profiler.record_function("meta_direction"):
                 self._direction = self._meta_direction(inner, criterion, device)
+                if self.cfg.meta_precondition == "adam":  # along the step Adam would take
+                    direction, meta_loss = self._direction
+                    self._direction = (adam_precondition(direction, self._get_probe(inner).parameters(),
+                                                         optimizer.optimizer), meta_loss)
             self._direction_update = update_num
             rw.zero_teacher_grad()
         probe = self._get_probe(inner) if fast else None

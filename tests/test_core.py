@@ -385,3 +385,32 @@ def test_teacher_weight_decay_bounds_drift_under_pure_noise():
             Reweighter("deep", teacher_weight_decay=bad)
     with pytest.raises(ValueError, match="--teacher-weight-decay has no effect"):
         check_flags("l2rw", None, 1, "last", "fast", 1e-3, teacher_weight_decay=1.0)
+
+
+def test_adam_precondition_with_torch_adam():
+    """torch.optim.AdamW (tensor step counts): direction / (sqrt(v / (1 - beta2^t)) + eps), v by hand;
+    unchanged before the first step; clear errors for parameters the optimizer does not hold."""
+    from fairseq_reweight.core import adam_precondition
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    params = dict(lin.named_parameters())
+    opt = torch.optim.AdamW(lin.parameters(), lr=1e-2, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1)
+    direction = {n: torch.randn_like(p) for n, p in params.items()}
+    assert adam_precondition(direction, params, opt) is direction
+    v = {n: torch.zeros_like(p) for n, p in params.items()}
+    for _ in range(3):
+        opt.zero_grad()
+        lin(torch.randn(5, 4)).pow(3).sum().backward()
+        for n, p in params.items():
+            v[n] = 0.9 * v[n] + 0.1 * p.grad ** 2
+        opt.step()
+    got = adam_precondition(direction, params, opt)
+    for n in params:
+        assert torch.allclose(got[n], direction[n] / ((v[n] / (1 - 0.9 ** 3)).sqrt() + 1e-6), rtol=1e-5), n
+    with pytest.raises(ValueError, match="does not hold the model's own parameters"):
+        adam_precondition(direction, params, torch.optim.Adam([nn.Parameter(torch.zeros(1))]))
+    with pytest.raises(ValueError, match="Adam-type student optimizer, not SGD"):
+        adam_precondition(direction, params, torch.optim.SGD(lin.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="--meta-precondition adam preconditions"):
+        check_flags("none", None, 1, "last", "fast", 1e-4, meta_precondition="adam")

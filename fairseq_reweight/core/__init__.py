@@ -4,12 +4,12 @@ image module."""
 
 from .diagnostics import WeightDumper, auc, weight_stats
 from .metagrad import MetaGrad, capture_rng, fixed_rng, functional_call, weight_gradient
-from .probe import LayerProbe, MetaDirection, first_order, frozen, meta_direction
+from .probe import LayerProbe, MetaDirection, adam_precondition, first_order, frozen, meta_direction
 from .reweighter import META_GRADS, METHODS, Reweighter, check_flags
 from .teacher import RunningNorm, Teacher, parse_states_spec
 from .weights import l2rw_weights, normalize
 
 __all__ = [
-    "LayerProbe", "META_GRADS", "MetaDirection", "METHODS", "MetaGrad", "Reweighter", "RunningNorm", "Teacher", "WeightDumper", "auc", "capture_rng", "check_flags",
+    "LayerProbe", "META_GRADS", "MetaDirection", "METHODS", "MetaGrad", "Reweighter", "RunningNorm", "Teacher", "WeightDumper", "adam_precondition", "auc", "capture_rng", "check_flags",
     "first_order", "fixed_rng", "functional_call", "frozen", "meta_direction", "l2rw_weights", "normalize", "parse_states_spec", "weight_gradient", "weight_stats",
 ]

@@ -44,9 +44,16 @@ META_GRADS = ("fast", "fd", "exact")
 
 def check_flags(method: str, teacher_lr, meta_interval: int, teacher_states: str, meta_grad: str,
                 meta_fd_eps: float, meta_refresh: int = 1, meta_ema: float = 0.0,
-                max_weight: Optional[float] = None, teacher_weight_decay: float = 0.0) -> None:
+                max_weight: Optional[float] = None, teacher_weight_decay: float = 0.0,
+                meta_precondition: str = "none") -> None:
     """Reject flag combinations that would be silently ignored (same rules for NMT and images)."""
     m = str(method)
+    if str(meta_precondition) not in ("none", "adam"):
+        raise ValueError(f"--meta-precondition must be none or adam, got {meta_precondition!r}")
+    if str(meta_precondition) != "none" and (m == "none" or str(meta_grad) != "fast"):
+        raise ValueError(f"--meta-precondition {meta_precondition} preconditions the meta direction of --meta-grad "
+                         f"fast: it has no effect with --reweight-method {m} --meta-grad {meta_grad}; drop it, or use "
+                         "a reweighting method with --meta-grad fast")
     check_max_weight(max_weight)
     if max_weight is not None and m == "none":
         raise ValueError("--max-weight caps the weights of a reweighting method; with --reweight-method none every "
