@@ -297,9 +297,8 @@ def adam_precondition(direction: Direction, params: Dict[str, torch.Tensor],
     yet) the direction is returned unchanged."""
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     if any(id(params[name]) not in group_of for name in direction):
-        raise ValueError("--meta-precondition adam: the optimizer does not hold the model's own parameters (--fp16 "
-                         "keeps its state on fp32 copies): train in fp32, or with --amp or --memory-efficient-fp16, "
-                         "or drop the flag")
+        raise ValueError("--meta-precondition adam: the optimizer does not hold the model's own parameters (a mixed-"
+                         "precision wrapper keeps its state on fp32 copies): train in fp32, or drop the flag")
     kind = type(optimizer).__name__
     if any("betas" not in group_of[id(params[name])] for name in direction):
         raise ValueError(f"--meta-precondition adam needs an Adam-type student optimizer, not {kind}: use "
