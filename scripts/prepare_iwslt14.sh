@@ -70,7 +70,8 @@ for l in "$SRC" "$TGT"; do [[ "$l" == de || "$l" == en ]] || die "--src/--tgt mu
 [[ "$TOK" == spm || "$TOK" == moses ]] || die "--tok must be spm or moses, got '$TOK'"
 case "$NOISE" in none|misaligned|random-target|copy|token) ;; *) die "unknown --noise '$NOISE'" ;; esac
 command -v python >/dev/null || die "python not found: activate the project's environment"
-python -c "import sentencepiece" 2>/dev/null || die "the sentencepiece Python package is missing (pip install sentencepiece)"
+err=$(python -c "import sentencepiece" 2>&1) \
+    || die "cannot import the sentencepiece Python package (pip install sentencepiece): ${err##*$'\n'}"
 command -v fairseq-preprocess >/dev/null || die "fairseq-preprocess not found: activate the environment with fairseq"
 if [[ "$TOK" == moses ]]; then
     python -c "import sacremoses" 2>/dev/null || die "--tok moses needs sacremoses: pip install sacremoses"

@@ -75,7 +75,8 @@ case "$NOISE" in
     *) die "unknown --noise '$NOISE' (none|misaligned|random-target|copy|token)" ;;
 esac
 command -v python >/dev/null || die "python not found: activate the project's environment"
-python -c "import sentencepiece" 2>/dev/null || die "the sentencepiece Python package is missing (pip install sentencepiece)"
+err=$(python -c "import sentencepiece" 2>&1) \
+    || die "cannot import the sentencepiece Python package (pip install sentencepiece): ${err##*$'\n'}"
 command -v fairseq-preprocess >/dev/null || die "fairseq-preprocess not found: activate the environment with fairseq"
 
 if [[ -z "$OUT" ]]; then
