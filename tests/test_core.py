@@ -414,3 +414,19 @@ def test_adam_precondition_with_torch_adam():
         adam_precondition(direction, params, torch.optim.SGD(lin.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="--meta-precondition adam preconditions"):
         check_flags("none", None, 1, "last", "fast", 1e-4, meta_precondition="adam")
+
+
+def test_weight_dumper_resume_drops_rows_after_the_checkpoint(tmp_path):
+    """keep_before=N (a resume at update N): rows of updates >= N and a last row cut mid-write go; the rank's
+    own file only; without it (a fresh run) nothing is dropped."""
+    path = tmp_path / "w.tsv"
+    rows = "update\tid\tweight\tloss\n0\t1\t1\t2\n1\t2\t1\t2\n2\t3\t1\t2\n3\t4\t1\t2\n"
+    path.write_text(rows + "4\t5\t0.9")  # the interruption cut the last row
+    (tmp_path / "w.tsv.rank1").write_text(rows)
+    d = WeightDumper(str(path), keep_before=2)
+    d.write(2, torch.tensor([7]), torch.tensor([0.5]), torch.tensor([1.0]))
+    d.close()
+    assert path.read_text() == "update\tid\tweight\tloss\n0\t1\t1\t2\n1\t2\t1\t2\n2\t7\t0.5\t1\n"
+    assert (tmp_path / "w.tsv.rank1").read_text() == rows
+    WeightDumper(str(path), rank=1).close()
+    assert (tmp_path / "w.tsv.rank1").read_text() == rows

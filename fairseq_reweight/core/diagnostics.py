@@ -62,7 +62,8 @@ class WeightDumper:
 
     One file per process: under distributed training rank r > 0 writes ``FILE.rank{r}``. A resumed run
     passes ``keep_before`` (the checkpoint's update count): this process's rows of later updates, written
-    before the interruption, are dropped so the file holds each update once.
+    before the interruption, and a row the interruption cut short are dropped, so the file holds each
+    update once.
     """
 
     HEADER = "update\tid\tweight\tloss\n"
@@ -74,8 +75,8 @@ class WeightDumper:
             tmp = f"{self.path}.tmp"
             with open(self.path) as src, open(tmp, "w") as dst:
                 for i, line in enumerate(src):
-                    if i == 0 or int(line.split("\t", 1)[0]) < keep_before:
-                        dst.write(line)
+                    if i == 0 or (line.endswith("\n") and int(line.split("\t", 1)[0]) < keep_before):
+                        dst.write(line)  # (a last row without its newline was cut by the interruption)
             os.replace(tmp, self.path)
         new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
         self._f = open(self.path, "a", buffering=1 << 16)
