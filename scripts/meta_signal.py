@@ -136,21 +136,19 @@ def meta_gradient(model, dataset, pad, batch_sentences=100):
 
 
 def adam_precondition(checkpoint, model, meta_grad):
-    """``meta_grad`` divided by the student's Adam denominator sqrt(v_hat) + eps (the checkpoint's
-    optimizer state): the look-ahead along the step Adam would take rather than along the raw gradient."""
+    """``meta_grad`` preconditioned as ``--meta-precondition adam`` does in training (``core.adam_precondition``),
+    with the checkpoint's optimizer state loaded into a torch Adam over the model's parameters."""
+    from fairseq_reweight.core import adam_precondition as precondition
+
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["last_optimizer_state"]
-    group = state["param_groups"][0]
-    params = [n for n, p in model.named_parameters() if p.requires_grad]
-    if len(state["state"]) != len(params) or "exp_avg_sq" not in state["state"][0]:
-        sys.exit("meta_signal.py --precondition adam: the checkpoint's optimizer state is not Adam's over "
-                 "this model's parameters")
-    out = {}
-    for k, name in enumerate(params):
-        st = state["state"][k]
-        v_hat = st["exp_avg_sq"] / (1 - group["betas"][1] ** float(st["step"]))
-        if name in meta_grad:
-            out[name] = meta_grad[name] / (v_hat.sqrt() + group["eps"])
-    return out
+    params = dict(model.named_parameters())
+    optimizer = torch.optim.Adam([p for p in params.values() if p.requires_grad])
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError) as e:
+        sys.exit(f"meta_signal.py --precondition adam: the checkpoint's optimizer state is not Adam's over this "
+                 f"model's parameters ({e})")
+    return precondition(meta_grad, params, optimizer)
 
 
 def sentence_scores(model, dataset, ids, meta_grad, pad, progress=True):
