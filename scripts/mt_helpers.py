@@ -9,6 +9,10 @@ Subcommands (each has ``--help``):
     ``train.flags`` and raw references. Used by ``prepare_multi30k.sh`` and ``prepare_iwslt14.sh``.
 ``iwslt-text``
     the text part of the IWSLT'14 recipe: strip the TED xml/tags, clean, split valid/test.
+``subset``
+    a data-bin's train split filtered by a keep list (one 0/1 per train sentence id) -> a new data-bin
+    with the same dictionaries, valid/test/meta splits and references: the perfect-weight reference
+    (``--keep-clean``: the pairs ``train.flags`` marks clean) and filter-and-retrain baselines.
 ``score``
     fairseq-generate output -> hypotheses in the original order -> sentencepiece decoding ->
     sacrebleu BLEU and chrF (with signatures) against the raw references. Used by ``eval_bleu.sh``.
@@ -267,6 +271,69 @@ def build(args) -> int:
     return 0
 
 
+# ====================================================================== subset
+def subset(args) -> int:
+    """Filter the train split of a data-bin (its ``text/spm.train.*``) by a keep list; binarize with the same
+    dictionaries; share everything else. ``train.orig_ids`` maps the new train lines to the old ids."""
+    data, out = Path(args.data), Path(args.out)
+    src, tgt = args.src, args.tgt
+    pair = f"{src}-{tgt}"
+    text = [data / "text" / f"spm.train.{lang}" for lang in (src, tgt)]
+    for f in text + [data / f"dict.{src}.txt", data / f"dict.{tgt}.txt"]:
+        if not f.exists():
+            die(f"{f} not found: --data must be a data-bin written by prepare_multi30k.sh / prepare_iwslt14.sh "
+                "(it keeps the sentencepiece text under text/)")
+    s_lines, t_lines = read_lines(text[0]), read_lines(text[1])
+    if args.keep_clean:
+        flags = [int(x) for x in read_lines(data / "train.flags")]
+        keep = [1 - f for f in flags]
+        source = f"{data / 'train.flags'} (clean pairs)"
+    else:
+        keep = [int(x) for x in read_lines(args.keep)]
+        source = args.keep
+    if len(keep) != len(s_lines) or len(t_lines) != len(s_lines):
+        die(f"{source} has {len(keep)} lines but the train split of {data} has {len(s_lines)} pairs: the keep "
+            "list must have one 0/1 per train sentence id, in the split's order")
+    if set(keep) - {0, 1}:
+        die(f"{source}: the keep list must contain only 0 and 1")
+    ids = [i for i, k in enumerate(keep) if k]
+    if not ids:
+        die(f"{source} keeps no pair")
+    done = out / "subset.json"
+    if done.exists():
+        old = json.loads(done.read_text())
+        if old.get("data") != str(data.resolve()) or old.get("kept") != len(ids) or old.get("keep") != source:
+            die(f"{out} holds another subset ({old.get('keep')}, {old.get('kept')} pairs of {old.get('data')}): "
+                "use another --out or delete it")
+        log(f"subset: {out} exists, skipped", "subset")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    tmp_text = out / "text"
+    tmp_text.mkdir(exist_ok=True)
+    write_lines(tmp_text / f"spm.train.{src}", [s_lines[i] for i in ids])
+    write_lines(tmp_text / f"spm.train.{tgt}", [t_lines[i] for i in ids])
+    write_lines(out / "train.orig_ids", [str(i) for i in ids])
+    flags = read_lines(data / "train.flags") if (data / "train.flags").exists() else ["0"] * len(keep)
+    write_lines(out / "train.flags", [flags[i] for i in ids])
+    tmp = out / "_bin_tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    _run([_fairseq_preprocess(), "--source-lang", src, "--target-lang", tgt, "--srcdict", data / f"dict.{src}.txt",
+          "--tgtdict", data / f"dict.{tgt}.txt", "--trainpref", tmp_text / "spm.train", "--destdir", tmp,
+          "--workers", str(args.workers)], out / "preprocess.log")
+    for f in sorted(tmp.glob("train.*")):
+        os.replace(f, out / f.name)
+    shutil.rmtree(tmp)
+    for f in sorted(data.iterdir()):  # dictionaries, valid/test/meta, spm model, references: shared as they are
+        if f.name.startswith(("dict.", "valid.", "test.", "meta.", "spm.")) or f.name in ("ref", "prepare.json"):
+            dest = out / f.name
+            if not dest.exists():
+                os.symlink(f.resolve(), dest)
+    done.write_text(json.dumps({"data": str(data.resolve()), "keep": source, "kept": len(ids),
+                                "of": len(keep)}, indent=1) + "\n")
+    log(f"subset: kept {len(ids)} of {len(keep)} train pairs of {data} -> {out}", "subset")
+    return 0
+
+
 # ====================================================================== IWSLT'14 text
 _DROP = ("<url>", "<talkid>", "<keywords>")
 _STRIP = re.compile(r"</?(title|description)>")
@@ -458,6 +525,18 @@ def main(argv=None) -> int:
     w.add_argument("--max-len", type=int, default=175)
     w.add_argument("--clean-ratio", type=float, default=1.5)
     w.set_defaults(func=iwslt_text)
+
+    u = sub.add_parser("subset", help="data-bin -> train filtered by a keep list, same dictionaries",
+                       formatter_class=fmt)
+    u.add_argument("--data", required=True, help="data-bin from prepare_multi30k.sh / prepare_iwslt14.sh")
+    u.add_argument("--out", required=True, help="data-bin folder to write")
+    g = u.add_mutually_exclusive_group(required=True)
+    g.add_argument("--keep", help="file with one 0/1 per train sentence id (1 = keep)")
+    g.add_argument("--keep-clean", action="store_true", help="keep the pairs train.flags marks clean (perfect weights)")
+    u.add_argument("--src", default="de")
+    u.add_argument("--tgt", default="en")
+    u.add_argument("--workers", type=int, default=1)
+    u.set_defaults(func=subset)
 
     s = sub.add_parser("score", help="fairseq-generate output -> BLEU/chrF JSON", formatter_class=fmt)
     s.add_argument("--gen", required=True, help="fairseq-generate stdout")

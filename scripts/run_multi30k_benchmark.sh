@@ -14,14 +14,23 @@ the same clean meta split), trains every method of --methods on both with every 
 (same preset, seed and number of updates for all methods), evaluates BLEU/chrF on test_2016_flickr,
 scores the weights of the noisy runs against the noise flags, and writes RESULTS.md plus plots.
 
+Shared warm-up (--warmup W > 0): reweighting starts after W updates of plain training, and that prefix is
+trained once per seed and condition (RUNS/COND/warmupW/seedS, --reweight-method none, W updates); every
+method then continues from its checkpoint (fairseq's --continue-once: optimizer, lr schedule and data
+order included), so all methods share the same first W updates and only the rest is paid per method.
+The perfect-weight reference (method "perfect", noisy condition only) is plain training on the pairs
+train.flags marks clean (a subset data-bin with the same dictionaries, scripts/mt_helpers.py subset), from
+scratch with the same number of updates.
+
 Runs are sequential (or --jobs N at a time) and resumable: a run whose checkpoint_last.pt, finished
 train.log and bleu_test.json exist is skipped, so re-running the command picks up where it stopped.
 
 Options:
   --seeds "S1 S2 ..."    training seeds (default "1 2"; >= 2 gives mean +- spread)
-  --methods "M ..."      subset of "none l2rw mwnet deep" (default all four)
-  --max-update N         updates per run (default 1200)
-  --preset P             train_translation.sh preset (default tiny-cpu)
+  --methods "M ..."      subset of "none l2rw mwnet deep perfect" (default all five)
+  --max-update N         updates per run (default: the preset's, 1060 for small-cpu)
+  --warmup W             shared plain warm-up of W updates (default 400; 0: every run from scratch)
+  --preset P             train_translation.sh preset (default small-cpu; tiny-cpu for smoke runs)
   --noise TYPE           noise of the noisy condition (default misaligned)
   --noise-rate R         (default 0.3)
   --vocab N              sentencepiece vocabulary (default 8000)
@@ -31,7 +40,8 @@ Options:
   --runs-dir DIR         checkpoints, logs and per-run results (default runs/multi30k in the checkout;
                          finished runs there are reused, so use another folder for another budget)
   --results-dir DIR      where RESULTS.md and the plots go (default examples/multi30k)
-  --train-args "ARGS"    extra arguments for train_translation.sh / fairseq-train (default "--reweight-warmup 400": uniform weights for the first third; "" for none)
+  --train-args "ARGS"    extra arguments for train_translation.sh / fairseq-train, every method
+  --deep-args "ARGS"     extra arguments of the deep runs only (default "")
   --gpu                  train and generate on the GPU (drops the preset's --cpu)
   --jobs N               runs at a time (default 2: two single-thread runs use both cores of a 2-core
                          machine; with N > 1 the seeds of one method/condition run side by side, so
@@ -46,15 +56,16 @@ EOF
 die() { echo "error: $*" >&2; exit 2; }
 log() { echo "[benchmark $(date +%H:%M:%S)] $*" >&2; }
 
-SEEDS="1 2" METHODS="none l2rw mwnet deep" MAX_UPDATE=1200 PRESET=tiny-cpu NOISE=misaligned RATE=0.3
+SEEDS="1 2" METHODS="none l2rw mwnet deep perfect" MAX_UPDATE="" WARMUP=400 PRESET=small-cpu NOISE=misaligned RATE=0.3
 VOCAB=8000 META=1000 DATA_SEED=1 CONDITIONS="clean noisy" RUNS="$ROOT/runs/multi30k"
-RESULTS="$ROOT/examples/multi30k" TRAIN_ARGS="--reweight-warmup 400" GPU="" JOBS=2 THREADS=1 REPORT_ONLY="" DRY="" ONE=""
+RESULTS="" TRAIN_ARGS="" DEEP_ARGS="" GPU="" JOBS=2 THREADS=1 REPORT_ONLY="" DRY="" ONE=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
         --seeds) SEEDS="${2:?}"; shift 2 ;;
         --methods) METHODS="${2:?}"; shift 2 ;;
         --max-update) MAX_UPDATE="${2:?}"; shift 2 ;;
+        --warmup) WARMUP="${2:?}"; shift 2 ;;
         --preset) PRESET="${2:?}"; shift 2 ;;
         --noise) NOISE="${2:?}"; shift 2 ;;
         --noise-rate) RATE="${2:?}"; shift 2 ;;
@@ -65,6 +76,7 @@ while [[ $# -gt 0 ]]; do
         --runs-dir) RUNS="${2:?}"; shift 2 ;;
         --results-dir) RESULTS="${2:?}"; shift 2 ;;
         --train-args) TRAIN_ARGS="${2?}"; shift 2 ;;
+        --deep-args) DEEP_ARGS="${2?}"; shift 2 ;;
         --gpu) GPU=1; shift ;;
         --jobs) JOBS="${2:?}"; shift 2 ;;
         --threads) THREADS="${2:?}"; shift 2 ;;
@@ -74,7 +86,12 @@ while [[ $# -gt 0 ]]; do
         *) usage >&2; die "unknown option: $1" ;;
     esac
 done
-for m in $METHODS; do case "$m" in none|l2rw|mwnet|deep) ;; *) die "unknown method '$m'" ;; esac; done
+for m in $METHODS; do case "$m" in none|l2rw|mwnet|deep|perfect) ;; *) die "unknown method '$m'" ;; esac; done
+if [[ -z "$MAX_UPDATE" ]]; then
+    case "$PRESET" in small-cpu) MAX_UPDATE=1060 ;; tiny-cpu) MAX_UPDATE=1200 ;; *) MAX_UPDATE=50000 ;; esac
+fi
+[[ -n "$RESULTS" ]] || RESULTS="$ROOT/examples/multi30k/$PRESET"
+[[ "$WARMUP" =~ ^[0-9]+$ ]] || die "--warmup must be a number"
 for c in $CONDITIONS; do case "$c" in clean|noisy) ;; *) die "unknown condition '$c' (clean|noisy)" ;; esac; done
 [[ -n "$SEEDS" ]] || die "--seeds is empty"
 [[ "$MAX_UPDATE" =~ ^[0-9]+$ ]] || die "--max-update must be a number"
@@ -87,8 +104,31 @@ EVAL_DEV=--cpu
 [[ -z "$GPU" ]] || EVAL_DEV=""
 DATA_CLEAN="$ROOT/data-bin/multi30k_de_en_v${VOCAB}_m${META}_s${DATA_SEED}"
 DATA_NOISY="${DATA_CLEAN}_${NOISE}${RATE}"
-data_of() { if [[ "$1" == clean ]]; then echo "$DATA_CLEAN"; else echo "$DATA_NOISY"; fi; }
+DATA_PERFECT="${DATA_NOISY}_clean_pairs"
+data_of() {  # COND METHOD
+    if [[ "$1" == clean ]]; then echo "$DATA_CLEAN"
+    elif [[ "${2:-}" == perfect ]]; then echo "$DATA_PERFECT"
+    else echo "$DATA_NOISY"; fi
+}
 run_dir() { echo "$RUNS/$1/$2/seed$3"; }
+warmup_dir() { echo "$RUNS/$1/warmup$WARMUP/seed$2"; }
+# the shared plain prefix of one condition and seed (trained once; flock: two workers may need it at once)
+ensure_warmup() {  # COND SEED
+    local cond="$1" seed="$2" wdir data
+    wdir=$(warmup_dir "$cond" "$seed"); data=$(data_of "$cond" none)
+    mkdir -p "$wdir"
+    (
+        flock 9
+        if [[ -f "$wdir/checkpoint_last.pt" ]] && grep -q "done training" "$wdir/train.log" 2>/dev/null; then
+            exit 0
+        fi
+        log "$cond/warmup$WARMUP/seed$seed: training the shared plain prefix ($WARMUP updates) -> $wdir"
+        # shellcheck disable=SC2086
+        "$ROOT/scripts/train_translation.sh" none "$data" "$wdir" --preset "$PRESET" --seed "$seed" \
+            --max-update "$WARMUP" --threads "$THREADS" ${GPU:+--gpu} $TRAIN_ARGS > "$wdir/train.stdout" 2>&1 \
+            || { tail -30 "$wdir/train.stdout" >&2; die "warm-up $cond/seed$seed failed (log: $wdir/train.stdout)"; }
+    ) 9> "$wdir/.lock"
+}
 finished() {  # COND METHOD SEED
     local d; d=$(run_dir "$@")
     [[ -f "$d/checkpoint_last.pt" && -f "$d/bleu_test.json" ]] && grep -q "done training" "$d/train.log" 2>/dev/null
@@ -96,8 +136,15 @@ finished() {  # COND METHOD SEED
 
 # ------------------------------------------------------------------ one run (also the --jobs worker)
 one_run() {
-    local cond="$1" method="$2" seed="$3" data dir
-    data=$(data_of "$cond"); dir=$(run_dir "$cond" "$method" "$seed")
+    local cond="$1" method="$2" seed="$3" data dir start_args=() method_args=() train_method="$2"
+    data=$(data_of "$cond" "$method"); dir=$(run_dir "$cond" "$method" "$seed")
+    if [[ "$method" == perfect ]]; then
+        train_method=none
+    elif [[ "$WARMUP" -gt 0 ]]; then
+        ensure_warmup "$cond" "$seed"
+        start_args=(--continue-once "$(warmup_dir "$cond" "$seed")/checkpoint_last.pt")
+    fi
+    [[ "$method" == deep && -n "$DEEP_ARGS" ]] && read -r -a method_args <<< "$DEEP_ARGS"
     if finished "$cond" "$method" "$seed"; then
         log "$cond/$method/seed$seed: done before, skipped"
     else
@@ -107,8 +154,9 @@ one_run() {
         else
             log "$cond/$method/seed$seed: training ($MAX_UPDATE updates, preset $PRESET) -> $dir"
             # shellcheck disable=SC2086
-            "$ROOT/scripts/train_translation.sh" "$method" "$data" "$dir" --preset "$PRESET" --seed "$seed" \
-                --max-update "$MAX_UPDATE" --threads "$THREADS" ${GPU:+--gpu} $TRAIN_ARGS > "$dir/train.stdout" 2>&1 \
+            "$ROOT/scripts/train_translation.sh" "$train_method" "$data" "$dir" --preset "$PRESET" --seed "$seed" \
+                --max-update "$MAX_UPDATE" --threads "$THREADS" ${GPU:+--gpu} $TRAIN_ARGS "${start_args[@]}" \
+                "${method_args[@]}" > "$dir/train.stdout" 2>&1 \
                 || { tail -30 "$dir/train.stdout" >&2; die "training $cond/$method/seed$seed failed (log: $dir/train.stdout)"; }
         fi
         log "$cond/$method/seed$seed: evaluating BLEU on test_2016_flickr"
@@ -117,7 +165,7 @@ one_run() {
             || { tail -30 "$dir/eval.stdout" >&2; die "evaluation of $cond/$method/seed$seed failed (log: $dir/eval.stdout)"; }
         grep -E "^(BLEU|chrF) =" "$dir/eval.stdout" | sed "s|^|  $cond/$method/seed$seed: |" >&2 || true
     fi
-    if [[ "$cond" == noisy && ! -f "$dir/weights_analysis.json" && -f "$dir/weights.tsv" ]]; then
+    if [[ "$cond" == noisy && "$method" != perfect && ! -f "$dir/weights_analysis.json" && -f "$dir/weights.tsv" ]]; then
         python "$ROOT/scripts/analyze_weights.py" --weights "$dir/weights.tsv" --flags "$data/train.flags" \
             --out-dir "$dir" --label "$method, seed $seed" > "$dir/analyze.stdout" 2>&1 \
             || { tail -20 "$dir/analyze.stdout" >&2; die "weight analysis of $cond/$method/seed$seed failed"; }
@@ -135,11 +183,11 @@ fi
 RUN_LIST=()
 if [[ "$JOBS" -le 1 ]]; then  # seed by seed: a stopped benchmark leaves complete tables for the first seeds
     for seed in $SEEDS; do for cond in $CONDITIONS; do for method in $METHODS; do
-        RUN_LIST+=("$cond $method $seed")
+        [[ "$method" == perfect && "$cond" != noisy ]] || RUN_LIST+=("$cond $method $seed")
     done; done; done
 else  # the seeds of one method side by side: equal load on the runs timed together
     for cond in $CONDITIONS; do for method in $METHODS; do for seed in $SEEDS; do
-        RUN_LIST+=("$cond $method $seed")
+        [[ "$method" == perfect && "$cond" != noisy ]] || RUN_LIST+=("$cond $method $seed")
     done; done; done
 fi
 todo=0
@@ -163,7 +211,7 @@ report() {
         --preset "$PRESET" --max-update "$MAX_UPDATE" --jobs "$JOBS" --threads "$THREADS" --data-clean "$DATA_CLEAN" --data-noisy "$DATA_NOISY" \
         --command "scripts/run_multi30k_benchmark.sh $*"
 }
-ARGS_STR="--seeds \"$SEEDS\" --max-update $MAX_UPDATE --preset $PRESET --noise $NOISE --noise-rate $RATE --jobs $JOBS --threads $THREADS${TRAIN_ARGS:+ --train-args \"$TRAIN_ARGS\"}${GPU:+ --gpu}"
+ARGS_STR="--seeds \"$SEEDS\" --max-update $MAX_UPDATE --warmup $WARMUP${DEEP_ARGS:+ --deep-args \"$DEEP_ARGS\"} --preset $PRESET --noise $NOISE --noise-rate $RATE --jobs $JOBS --threads $THREADS${TRAIN_ARGS:+ --train-args \"$TRAIN_ARGS\"}${GPU:+ --gpu}"
 if [[ -n "$REPORT_ONLY" ]]; then
     report "$ARGS_STR"
     exit 0
@@ -180,6 +228,10 @@ for cond in $CONDITIONS; do
         log "preparing the noisy data-bin $DATA_NOISY ($NOISE, rate $RATE)"
         "$ROOT/scripts/prepare_multi30k.sh" --src de --tgt en --vocab "$VOCAB" --meta-size "$META" \
             --seed "$DATA_SEED" --noise "$NOISE" --noise-rate "$RATE" --out "$DATA_NOISY" > /dev/null
+        if [[ " $METHODS " == *" perfect "* ]]; then
+            log "preparing the perfect-weight data-bin $DATA_PERFECT (the clean pairs of $DATA_NOISY)"
+            python "$ROOT/scripts/mt_helpers.py" subset --data "$DATA_NOISY" --keep-clean --out "$DATA_PERFECT" > /dev/null
+        fi
     fi
 done
 
@@ -194,7 +246,8 @@ if [[ "$JOBS" -le 1 ]]; then
     done
 else
     log "running $JOBS at a time"
-    PASS=(--seeds "$SEEDS" --methods "$METHODS" --max-update "$MAX_UPDATE" --preset "$PRESET" --noise "$NOISE"
+    PASS=(--seeds "$SEEDS" --methods "$METHODS" --max-update "$MAX_UPDATE" --warmup "$WARMUP" --deep-args "$DEEP_ARGS" --preset "$PRESET"
+ --noise "$NOISE"
           --noise-rate "$RATE" --vocab "$VOCAB" --meta-size "$META" --data-seed "$DATA_SEED"
           --conditions "$CONDITIONS" --runs-dir "$RUNS" --results-dir "$RESULTS" --train-args "$TRAIN_ARGS"
           --threads "$THREADS" --jobs "$JOBS")
