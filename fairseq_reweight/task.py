@@ -453,8 +453,7 @@ class ReweightedTranslationTask(TranslationTask):
                     out = criterion.per_sentence(model, sample, layers)
 
         if not ignore_grad and not bool(torch.isfinite(out.loss.detach()).all()):
-            self._sentence_avg = criterion.sentence_avg
-            return self._skip_nonfinite(sample, out, update_num)
+            return self._skip_nonfinite(sample, out, update_num, model, optimizer, criterion.sentence_avg)
         info, w_graph, contrast = {}, None, None
         if self.cfg.teacher_source_contrast and not ignore_grad and (meta_step or update_num >= rw.warmup):
             with torch.autograd.profiler.record_function("source_contrast"):
@@ -468,12 +467,17 @@ class ReweightedTranslationTask(TranslationTask):
             elif fast and rw.method == "l2rw":
                 probe.output_grads(out.loss.sum())
                 weights = rw.l2rw(self._first_order(probe, lr, denom, out.loss.shape[0]), info)
-            elif fast:
+            elif rw.has_teacher and self.cfg.meta_grad == "fast":  # w_graph: None unless a meta update
                 weights, w_graph = rw.teacher_weights(update_num, self.teacher_features(out, update_num, sample, contrast))
             else:
                 meta_fn = self._meta_grad_fn(inner, criterion, sample, out, optimizer, rng, device) if meta_step else None
                 weights, info = rw.weights(update_num, self.teacher_features(out, update_num, sample, contrast), meta_fn,
                                            batch_size=out.loss.shape[0], device=device)
+        if ignore_grad and rw.has_teacher and rw.teacher is None and update_num >= rw.warmup:
+            # a padding batch at the first reweighted update: build the teacher like the other workers did, so
+            # every worker takes part in the teacher's all-reduces from now on
+            fake = torch.zeros_like(out.loss) if self.cfg.teacher_source_contrast else None
+            rw.ensure_teacher(self.teacher_features(out, update_num, sample, fake).shape[1], device)
         if rw.has_teacher and not self._restored:
             self._restored = True
             logger.info("teacher initialised fresh (no teacher state restored from a checkpoint)")
@@ -493,27 +497,37 @@ class ReweightedTranslationTask(TranslationTask):
             logging_output.update(weight_stats(weights))
             logging_output.update(info)
             self._dump(update_num, sample, weights, out.loss)
-        return loss, logging_output["sample_size"], logging_output
+        return loss, logging_output["sample_size"], _fixed_keys(logging_output, loss)
 
-    def _skip_nonfinite(self, sample, out, update_num):
-        """A NaN/inf sentence loss: no backward (the student's gradient from this batch is zero), no meta-
-        gradient for the teacher; counted as ``nonfinite`` in the log."""
+    def _skip_nonfinite(self, sample, out, update_num, model, optimizer, sentence_avg):
+        """A NaN/inf sentence loss: the batch's gradient is zero for the student and it gives no meta-gradient
+        to the teacher; counted as ``nonfinite`` in the log. Data parallel: following fairseq's convention for
+        batches without a gradient, the backward still runs (of an exact zero built from the parameters, not
+        through the non-finite graph), so every worker issues the same gradient all-reduces (pytorch_ddp's
+        hooks) whatever its batch. In one process there is no backward: the parameters' gradients stay unset,
+        so Adam skips them rather than stepping on its momentum alone."""
         bad = int((~torch.isfinite(out.loss.detach())).sum())
         logger.warning(f"update {update_num}: {bad} of {out.loss.numel()} sentence losses are NaN/inf; this batch is "
                        "skipped (no student or teacher gradient from it)")
-        zero = out.loss.detach().new_zeros(())
+        zero = sum((p.view(-1)[:1] * 0).sum() for p in model.parameters() if p.requires_grad)
+        if _rank_world()[1] > 1:
+            optimizer.backward(zero)
+
         bsz = sample["target"].size(0)
-        size = bsz if self._sentence_avg else sample["ntokens"]
+        size = bsz if sentence_avg else sample["ntokens"]
         # it counts as a batch with zero loss and gradient (fairseq's loss averages need its size)
         log = {"loss": 0.0, "nll_loss": 0.0, "ntokens": sample["ntokens"], "nsentences": bsz, "sample_size": size,
                "nonfinite": 1.0}
-        return zero, size, log
+        return zero.detach(), size, _fixed_keys(log, zero)
 
     def optimizer_step(self, optimizer, model, update_num):
         super().optimizer_step(optimizer, model, update_num)
         rw = self.reweighter
-        if self.cfg.meta_grad == "fast" and rw.has_teacher and rw.is_meta_step(update_num):
+        meta = rw.has_teacher and rw.is_meta_step(update_num)
+        if meta and self.cfg.meta_grad == "fast":
             rw.step_teacher()
+        rw.end_update()  # the input moments of this update's batches (all workers)
+        if meta:
             if rw.check_in_sync(update_num) and not self._sync_logged:
                 self._sync_logged = True
                 logger.info(f"teacher identical on all {rw.world_size} workers after update {update_num} (checked "
@@ -638,7 +652,31 @@ class ReweightedTranslationTask(TranslationTask):
         self.load_state_dict(state)
 
 
+# fairseq sums the workers' logging outputs with one all-reduce of their values in key order, tensors and
+# numbers in separate buffers (trainer._fast_stat_sync_sum): every worker's dict must have the same keys, in
+# the same order and of the same kind, on every batch -- fairseq's padding batches (ignore_grad), meta and
+# non-meta updates, skipped ones included -- or the all-reduce sizes differ and gloo/NCCL abort or hang
+_TENSOR_KEYS = ("loss", "nll_loss")
+_NUMBER_KEYS = ("ntokens", "nsentences", "sample_size", "n_correct", "total", "w_count", "w_batches", "w_sum", "w_sq",
+                "w_min", "w_max", "w_low10", "meta_steps", "meta_loss", "meta_skipped", "l2rw_uniform", "nonfinite")
+
+
+def _fixed_keys(log: dict, like: torch.Tensor) -> dict:
+    """``log`` with exactly the keys of ``_TENSOR_KEYS + _NUMBER_KEYS`` (absent ones 0) in that order; the first
+    ones tensors on ``like``'s device, the others Python numbers."""
+    unknown = set(log) - set(_TENSOR_KEYS) - set(_NUMBER_KEYS)
+    if unknown:
+        raise KeyError(f"logging keys {sorted(unknown)} are not in task._NUMBER_KEYS (add them there)")
+    out = {k: torch.as_tensor(log.get(k, 0.0), dtype=torch.float32 if like.dtype != torch.float64 else like.dtype,
+                              device=like.device).detach() for k in _TENSOR_KEYS}
+    for k in _NUMBER_KEYS:
+        v = log.get(k, 0)
+        out[k] = v.item() if torch.is_tensor(v) else v
+    return out
+
+
 def _rank_world():
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1

@@ -223,3 +223,115 @@ def test_resume_mid_epoch_continues_exactly(tiny_data, tmp_path, interval):
         db = sb["extra_state"]["ReweightedTranslationTask"]["meta_direction"]
         assert (da["calls"], da["fresh"]) == (db["calls"], db["fresh"]) == (6, 3)
         assert da["avg"].keys() == db["avg"].keys() and all(torch.equal(da["avg"][k], db["avg"][k]) for k in da["avg"])
+
+
+# ---------------------------------------------------------------------- shards that do not divide evenly
+ODD = ["--max-tokens", "500", "--meta-max-tokens", "400"]  # 15 train batches, 3 meta batches (odd_data)
+
+
+def _num_batches(data, split, max_tokens, multiple):
+    from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+    task = TranslationTask.setup_task(TranslationConfig(data=str(data), source_lang="src", target_lang="tgt",
+                                                        dataset_impl="mmap"))
+    task.load_dataset(split)
+    return len(task.get_batch_iterator(task.dataset(split), max_tokens=max_tokens, seed=1,
+                                       required_batch_size_multiple=multiple, disable_iterator_cache=True))
+
+
+@pytest.fixture(scope="module")
+def odd_data(tmp_path_factory):
+    """1,000 short training pairs whose batches do not divide over 2 workers: every epoch ends with a padding
+    batch (fairseq's train_step with ignore_grad=True) on one worker, and the meta split's too."""
+    from conftest import make_corpus, preprocess
+
+    root = tmp_path_factory.mktemp("odd")
+    make_corpus(root / "raw", n_train=1000, n_meta=100)
+    data = preprocess(root / "raw", root / "bin")
+    # the premise of the tests below: train (fairseq's default --required-batch-size-multiple 8) and meta
+    # (the task's meta iterator) batch counts are odd
+    assert _num_batches(data, "train", 500, 8) == 15 and _num_batches(data, "meta", 400, 1) == 3
+    return data
+
+
+DDP_CASES = {
+    "none": ("none", []),
+    "l2rw": ("l2rw", []),
+    "mwnet": ("mwnet", []),
+    "deep": ("deep", []),
+    "deep-interval2": ("deep", ["--meta-interval", "2"]),
+    "deep-refresh-ema": ("deep", ["--meta-refresh", "4", "--meta-ema", "0.9"]),
+    "deep-update-freq2": ("deep", ["--update-freq", "2"]),
+    "deep-recipe": ("deep", ["--teacher-source-contrast", "--max-weight", "2", "--meta-precondition", "adam"]),
+}
+
+
+@pytest.mark.parametrize("case", list(DDP_CASES))
+def test_ddp_survives_epochs_that_do_not_divide_over_the_workers(odd_data, tmp_path, case):
+    """2 gloo workers, 8 updates per epoch (the last with a padding batch on one worker), meta batches that do
+    not divide either: training reaches --max-update across two epoch boundaries, and the teacher is checked
+    identical on both workers after every meta update (a mismatch stops the run)."""
+    method, extra = DDP_CASES[case]
+    max_update = 10 if "--update-freq" in extra else 20  # 4 or 8 updates per epoch: epochs 1, 2 and part of 3
+    p = run_ddp(train_cmd(odd_data, tmp_path / "run", method, max_update=max_update, extra=ODD + extra), check=False)
+    assert p.returncode == 0, p.stdout[-5000:]
+    assert "done training" in p.stdout and "end of epoch 2 " in p.stdout, p.stdout[-3000:]
+    assert f"num_updates={max_update}" in p.stdout or f"num_updates {max_update}" in p.stdout
+    if method in ("mwnet", "deep"):
+        assert "teacher identical on all 2 workers" in p.stdout
+        rw = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)["extra_state"][
+            "ReweightedTranslationTask"]["reweighter"]
+        interval = 2 if "--meta-interval" in extra else 1
+        assert rw["meta_steps"] == max_update // interval
+
+
+def test_ddp_none_on_uneven_shards_equals_one_process(odd_data, tmp_path):
+    """The padding batch adds nothing: 2 workers on 15 batches an epoch == 1 worker with --update-freq 2
+    (whose last update of an epoch has one batch too), across epoch boundaries."""
+    extra = ODD + ["--dropout", "0.0"]
+    run_ddp(train_cmd(odd_data, tmp_path / "ddp", "none", max_update=18, extra=extra))
+    run(train_cmd(odd_data, tmp_path / "one", "none", max_update=18, extra=extra + ["--update-freq", "2"]))
+    a, b = params(tmp_path / "ddp" / "checkpoint_last.pt"), params(tmp_path / "one" / "checkpoint_last.pt")
+    # 18 Adam steps of lr 3e-3 amplify the rounding of the two summation orders to ~5e-5 at most (measured);
+    # a padding batch that counted, or a batch missing, moves parameters by ~lr per step
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=0, atol=3e-4), k
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 3e-4
+
+
+POISON_PLUGIN = '''
+import os
+import torch
+import fairseq_reweight  # registers the task and criterion
+from fairseq.criterions import register_criterion
+from fairseq_reweight.criterion import ReweightedLabelSmoothedCrossEntropyCriterion
+
+
+@register_criterion("poisoned_reweighted_label_smoothed_cross_entropy")
+class Poisoned(ReweightedLabelSmoothedCrossEntropyCriterion):
+    """One NaN sentence loss on worker 1 at every third training forward."""
+    calls = 0
+
+    def per_sentence(self, model, sample, layers=None):
+        out = super().per_sentence(model, sample, layers)
+        if model.training and layers is not None and torch.distributed.get_rank() == 1:  # a training batch
+            Poisoned.calls += 1
+            if Poisoned.calls % 3 == 0:
+                return out._replace(loss=out.loss.index_fill(0, torch.tensor([0]), float("nan")))
+        return out
+'''
+
+
+def test_ddp_nan_loss_on_one_worker_keeps_the_workers_in_step(odd_data, tmp_path):
+    """A NaN sentence loss on worker 1 only: that batch is skipped there (it still runs a backward of zero, so
+    the gradient all-reduces match), the other worker's batch trains, and the teachers stay identical."""
+    plugin = tmp_path / "poison_plugin"
+    plugin.mkdir()
+    (plugin / "__init__.py").write_text(POISON_PLUGIN)
+    cmd = train_cmd(odd_data, tmp_path / "run", "deep", max_update=12, extra=ODD)
+    cmd[cmd.index("--user-dir") + 1] = plugin
+    cmd[cmd.index("--criterion") + 1] = "poisoned_reweighted_label_smoothed_cross_entropy"
+    p = run_ddp(cmd, check=False)
+    assert p.returncode == 0, p.stdout[-5000:]
+    assert "NaN/inf" in p.stdout and "teacher identical on all 2 workers" in p.stdout and "done training" in p.stdout
+    assert re.search(r"nonfinite=[1-9]", p.stdout), p.stdout[-3000:]

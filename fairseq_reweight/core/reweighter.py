@@ -215,7 +215,7 @@ class Reweighter:
 
         teacher = self.ensure_teacher(features.shape[1], device)
         feats = features.detach().float()
-        teacher.norm.update(feats[:, : feats.shape[1] - teacher.passthrough])
+        teacher.norm.accumulate(feats[:, : feats.shape[1] - teacher.passthrough])  # folded in by end_update
         if self.is_meta_step(step):
             w = normalize(teacher(feats), self.max_weight)
             mg = meta_grad_fn(w.detach())
@@ -243,7 +243,7 @@ class Reweighter:
         """``(weights, weights_with_graph)``: the second is None unless this is a teacher meta step."""
         teacher = self.ensure_teacher(features.shape[1], features.device)
         feats = features.detach().float()
-        teacher.norm.accumulate(feats[:, : feats.shape[1] - teacher.passthrough])  # folded in by step_teacher
+        teacher.norm.accumulate(feats[:, : feats.shape[1] - teacher.passthrough])  # folded in by end_update
         if self.is_meta_step(step):
             w = normalize(teacher(feats), self.max_weight)
             return w.detach(), w
@@ -256,9 +256,18 @@ class Reweighter:
         self._accumulated += int(ok)
         return ok
 
+    def end_update(self) -> None:
+        """Fold the input moments of this update's batches into the teacher's normaliser (summed over
+        data-parallel workers). The one rule for every method and meta-gradient: moments are accumulated
+        per batch and folded in once per update, after the optimizer step. Call it on every worker after
+        every update (and after :meth:`step_teacher` on meta updates)."""
+        if self.teacher is None:
+            return
+        self.teacher.norm.commit(self.all_reduce if self.world_size > 1 else None)
+
     def step_teacher(self) -> None:
-        """Fold in the input moments and take one teacher step from the accumulated gradients. Call it
-        once per meta update on every worker (data parallel: it all-reduces)."""
+        """Take one teacher step from the accumulated gradients. Call it once per meta update on every
+        worker (data parallel: it all-reduces), before :meth:`end_update`."""
         if self.teacher is None:
             return
         params = [p for p in self.teacher.parameters()]
@@ -270,10 +279,8 @@ class Reweighter:
             for p in params:
                 p.grad = (flat[offset:offset + p.numel()].view_as(p) / self.world_size).clone()
                 offset += p.numel()
-            self.teacher.norm.commit(self.all_reduce)
-        else:
-            self.teacher.norm.commit()
         if self._accumulated > 0:
+
             self.optimizer.step()
             self.meta_steps += 1
         self.zero_teacher_grad()

@@ -320,7 +320,7 @@ class Trainer:
         if fast and rw.method == "l2rw":
             probe.output_grads(out.losses.sum())
             w = rw.l2rw(first_order(probe, *direction, meta_lr, float(n), n), info)
-        elif fast:
+        elif rw.has_teacher and cfg.meta_grad == "fast":  # w_graph: None unless a meta update
             w, w_graph = rw.teacher_weights(self.updates, feats)
         else:
             meta_fn = self._meta_grad_fn(x, y, out, meta_lr, rng) if meta_step else None
@@ -332,10 +332,12 @@ class Trainer:
         if w_graph is not None:  # the teacher's meta-gradient from the student's own backward (core/probe.py)
             rw.accumulate(w_graph, first_order(probe, *direction, meta_lr, float(n), n, weights=w, loss_scale=1 / n), info)
             rw.step_teacher()
-            if rw.check_in_sync(self.updates) and not getattr(self, "_sync_logged", False):
-                self._sync_logged = True
-                self._log(f"teacher identical on all {self.world} workers (checked every meta update)")
+        rw.end_update()  # the input moments of this update's batch (all workers)
+        if w_graph is not None and rw.check_in_sync(self.updates) and not getattr(self, "_sync_logged", False):
+            self._sync_logged = True
+            self._log(f"teacher identical on all {self.world} workers (checked every meta update)")
         return w, out, info
+
 
     def bench_step(self) -> None:
         """One update on the next batch (scripts/bench_speed.py)."""
