@@ -335,3 +335,30 @@ def test_ddp_nan_loss_on_one_worker_keeps_the_workers_in_step(odd_data, tmp_path
     assert p.returncode == 0, p.stdout[-5000:]
     assert "NaN/inf" in p.stdout and "teacher identical on all 2 workers" in p.stdout and "done training" in p.stdout
     assert re.search(r"nonfinite=[1-9]", p.stdout), p.stdout[-3000:]
+
+
+def test_shared_warmup_equals_reweight_warmup_from_scratch(tiny_data, tmp_path):
+    """The benchmark's shared warm-up: plain training for N updates, then a deep run continuing from that
+    checkpoint (--continue-once) ends with the same student and teacher as one deep run with
+    --reweight-warmup N from scratch (same per-update seeds, data order, optimizer and lr schedule)."""
+    recipe = ["--teacher-source-contrast", "--meta-refresh", "2", "--meta-ema", "0.9", "--max-weight", "2",
+              "--meta-precondition", "adam", "--teacher-progress-horizon", "7"]
+    run(train_cmd(tiny_data, tmp_path / "scratch", "deep", max_update=7,
+                  extra=recipe + ["--reweight-warmup", "3", "--dump-weights", tmp_path / "a.tsv"]))
+    run(train_cmd(tiny_data, tmp_path / "warmup", "none", max_update=3))
+    out = run(train_cmd(tiny_data, tmp_path / "cont", "deep", max_update=7,
+                        extra=recipe + ["--continue-once", tmp_path / "warmup" / "checkpoint_last.pt",
+                                        "--dump-weights", tmp_path / "b.tsv"])).stdout
+    assert "teacher initialised fresh" in out
+    a = [r for r in (tmp_path / "a.tsv").read_text().splitlines()[1:] if int(r.split("\t")[0]) >= 3]
+    b = (tmp_path / "b.tsv").read_text().splitlines()[1:]
+    assert a == b and len(a) > 0  # every reweighted sentence's weight and loss, updates 3-6
+    sa = torch.load(tmp_path / "scratch" / "checkpoint_last.pt", weights_only=True)
+    sb = torch.load(tmp_path / "cont" / "checkpoint_last.pt", weights_only=True)
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    ta = sa["extra_state"]["ReweightedTranslationTask"]["reweighter"]
+    tb = sb["extra_state"]["ReweightedTranslationTask"]["reweighter"]
+    assert ta["meta_steps"] == tb["meta_steps"] == 4
+    for k in ta["teacher"]:
+        assert torch.equal(ta["teacher"][k], tb["teacher"][k]), k

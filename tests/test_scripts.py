@@ -432,7 +432,9 @@ def test_benchmark_report_and_dry_run(tmp_path):
 
     p = sh([SCRIPTS / "run_multi30k_benchmark.sh", "--dry-run", "--runs-dir", runs, "--seeds", "1 2 3"])
     lines = [x for x in p.stdout.splitlines() if x.startswith(("todo", "done"))]
-    assert len(lines) == 24 and all(x.startswith("todo") for x in lines)
+    # 2 conditions x 4 methods + perfect weights (noisy only), x 3 seeds
+    assert len(lines) == 27 and all(x.startswith("todo") for x in lines)
+    assert sum(" perfect " in x for x in lines) == 3 and not any("clean perfect" in x for x in lines)
 
 
 def test_bench_speed_runs_and_reports_whole_cycles(noisy_bin, tmp_path):
@@ -448,3 +450,30 @@ def test_bench_speed_runs_and_reports_whole_cycles(noisy_bin, tmp_path):
     assert res["rows"][0]["ratio"] == 1.0 and all(r["updates_timed"] == 4 and r["sec_per_update"] > 0
                                                   for r in res["rows"])
     assert "| deep refresh 2 |" in p.stdout and "round's mean" in out.with_suffix(".md").read_text()
+
+
+def test_subset_keeps_the_clean_pairs_with_the_same_dictionaries(noisy_bin, tmp_path):
+    """mt_helpers.py subset --keep-clean (the perfect-weight reference): the train split holds exactly the pairs
+    train.flags marks clean, in order, binarized with the noisy data-bin's dictionaries; the other splits are
+    the same files; a keep list of the wrong length is refused."""
+    data, _ = noisy_bin
+    out = tmp_path / "clean_pairs"
+    sh([sys.executable, SCRIPTS / "mt_helpers.py", "subset", "--data", data, "--keep-clean", "--out", out])
+    flags = [int(x) for x in (data / "train.flags").read_text().split()]
+    ids = [int(x) for x in (out / "train.orig_ids").read_text().split()]
+    assert ids == [i for i, f in enumerate(flags) if f == 0] and 0 < len(ids) < len(flags)
+    assert (out / "dict.de.txt").read_text() == (data / "dict.de.txt").read_text()
+    assert (out / "test.de-en.de.bin").resolve() == (data / "test.de-en.de.bin").resolve()
+    import torch
+    from fairseq.data import data_utils
+    from fairseq.data.dictionary import Dictionary
+
+    d = Dictionary.load(str(data / "dict.en.txt"))
+    old = data_utils.load_indexed_dataset(str(data / "train.de-en.en"), d)
+    new = data_utils.load_indexed_dataset(str(out / "train.de-en.en"), d)
+    assert len(new) == len(ids) and all(torch.equal(new[j], old[i]) for j, i in enumerate(ids))
+    bad = tmp_path / "keep.txt"
+    bad.write_text("1\n0\n")
+    p = sh([sys.executable, SCRIPTS / "mt_helpers.py", "subset", "--data", data, "--keep", bad, "--out",
+            tmp_path / "bad"], check=False)
+    assert p.returncode == 2 and "one 0/1 per train sentence id" in p.stderr
