@@ -67,7 +67,7 @@ class ReweightedTranslationConfig(TranslationConfig):
                   "(the look-ahead of an Adam student); none: along the raw gradient, as in the papers"},
     )
     meta_lr: Optional[float] = field(
-        default=None, metadata={"help": "step size of the look-ahead (default: the current learning rate)"}
+        default=None, metadata={"help": "fd/exact only: step size of the look-ahead (default: the current learning rate)"}
     )
     meta_max_tokens: Optional[int] = field(default=None, metadata={"help": "meta batch tokens (default --max-tokens)"})
     meta_batch_size: Optional[int] = field(
@@ -84,7 +84,7 @@ class ReweightedTranslationConfig(TranslationConfig):
                   "against the noise of a single meta batch; 0: the latest direction"},
     )
     meta_fd_eps: float = field(
-        default=1e-3, metadata={"help": "fast only: finite-difference step relative to the parameter norm"}
+        default=1e-3, metadata={"help": "fd only: finite-difference step relative to the parameter norm"}
     )
     max_weight: Optional[float] = field(
         default=None,
@@ -188,7 +188,7 @@ class ReweightedTranslationTask(TranslationTask):
         super().__init__(cfg, src_dict, tgt_dict)
         check_flags(cfg.reweight_method, cfg.teacher_lr, cfg.meta_interval, cfg.teacher_states, cfg.meta_grad,
                     cfg.meta_fd_eps, cfg.meta_refresh, cfg.meta_ema, cfg.max_weight, cfg.teacher_weight_decay,
-                    cfg.meta_precondition)
+                    cfg.meta_precondition, cfg.meta_lr)
         for flag in ("teacher_length_ratio", "teacher_source_contrast"):
             if getattr(cfg, flag) and cfg.reweight_method != "deep":
                 name = "--" + flag.replace("_", "-")
@@ -726,7 +726,13 @@ def probe_layers(model, spec: str):
                 emb = getattr(getattr(model, side), "embed_tokens", None)
                 if not isinstance(emb, nn.Embedding):
                     raise ValueError(f"--meta-params embed: the {side} has no nn.Embedding embed_tokens")
-                layers.append((f"{side}.embed_tokens", emb, 0))  # a module shared by both sides is watched twice
+                layers.append((f"{side}.embed_tokens", emb, 0))  # one module shared by both sides: watched once
+            # tied output projection (--share-decoder-input-output-embed / --share-all-embeddings): the same
+            # parameter, so `embed` is that parameter's whole gradient, lookups and output projection
+            proj = getattr(decoder, "output_projection", None)
+            if isinstance(proj, nn.Linear) and proj.weight is getattr(decoder.embed_tokens, "weight", None):
+                layers.append(("decoder.output_projection", proj, 0))
+
         elif part == "output":
             for name in ("output_projection", "fc_out"):
                 if isinstance(getattr(decoder, name, None), nn.Linear):

@@ -53,11 +53,12 @@ def run(cmd, cwd=None, env=None, check=True):
     return p
 
 
-def preprocess(raw: Path, dest: Path, meta=True):
-    """Binarize like scripts/prepare_multi30k.sh: train/valid/test, then meta with the same dictionaries."""
+def preprocess(raw: Path, dest: Path, meta=True, joined=False):
+    """Binarize like scripts/prepare_multi30k.sh: train/valid/test, then meta with the same dictionaries
+    (``joined``: one dictionary for both sides, as --share-all-embeddings needs)."""
     run([BIN / "fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt",
          "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
-         "--destdir", dest, "--workers", "1"])
+         "--destdir", dest, "--workers", "1"] + (["--joined-dictionary"] if joined else []))
     if meta:
         tmp = dest / "_meta"
         run([BIN / "fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt",
@@ -94,3 +95,11 @@ def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     make_corpus(root / "raw")
     return preprocess(root / "raw", root / "bin")
+
+
+@pytest.fixture(scope="session")
+def tied_data(tmp_path_factory):
+    """tiny_data's corpus with one joined dictionary (--share-all-embeddings)."""
+    root = tmp_path_factory.mktemp("tied")
+    make_corpus(root / "raw")
+    return preprocess(root / "raw", root / "bin", joined=True)

@@ -430,3 +430,41 @@ def test_weight_dumper_resume_drops_rows_after_the_checkpoint(tmp_path):
     assert (tmp_path / "w.tsv.rank1").read_text() == rows
     WeightDumper(str(path), rank=1).close()
     assert (tmp_path / "w.tsv.rank1").read_text() == rows
+
+
+@pytest.mark.parametrize("which", ["fairseq", "torch-amsgrad"])
+def test_adam_precondition_is_the_optimizers_own_step(which):
+    """With beta1 = 0 (first moment = this step's gradient g) the optimizer's own update is exactly
+    -lr * P g: P from adam_precondition must reproduce the step fairseq's FairseqAdam (eps added before the
+    bias correction: effectively eps / sqrt(1 - beta2^t)) and torch's Adam with AMSGrad (the running maximum
+    of the second moments) really take. Gradients ~1e-8 make eps matter."""
+    from fairseq_reweight.core import adam_precondition
+
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(6, dtype=torch.float64))  # float64: the step is read off as a difference
+    if which == "fairseq":
+        from fairseq.optim.adam import FairseqAdam, FairseqAdamConfig
+
+        opt = FairseqAdam(FairseqAdamConfig(adam_betas="(0.0, 0.98)", adam_eps=1e-8, lr=[0.1]), [w]).optimizer
+    else:
+        opt = torch.optim.Adam([w], lr=0.1, betas=(0.0, 0.98), eps=1e-8, amsgrad=True)
+    for step in range(3):
+        scale = 1e-8 if step != 1 else 3e-8  # a larger middle step: AMSGrad's maximum differs from v
+        g = torch.randn(6, dtype=torch.float64) * scale
+        w.grad = g.clone()
+        before = w.detach().clone()
+        opt.step()
+    moved = w.detach() - before
+    got = adam_precondition({"w": g}, {"w": w}, opt)["w"]
+    assert torch.allclose(-0.1 * got, moved, rtol=1e-9, atol=0), (got, moved)
+
+
+def test_meta_lr_is_refused_where_it_cancels():
+    """--meta-lr scales dL/dw by the look-ahead step; with --meta-grad fast the teacher sees the meta-gradient
+    rescaled to unit RMS and l2rw normalises it over the batch, so it would do nothing: refused there."""
+    for method in ("l2rw", "mwnet", "deep"):
+        with pytest.raises(ValueError, match="--meta-lr sets the look-ahead step of --meta-grad fd/exact"):
+            check_flags(method, None if method == "l2rw" else 1e-3, 1, "last", "fast", 1e-3, meta_lr=0.1)
+        check_flags(method, None if method == "l2rw" else 1e-3, 1, "last", "fd", 1e-3, meta_lr=0.1)
+    with pytest.raises(ValueError, match="no effect with --reweight-method none"):
+        check_flags("none", None, 1, "last", "fd", 1e-3, meta_lr=0.1)

@@ -13,11 +13,13 @@ from fairseq_reweight.task import _Student
 
 
 def build(data, method="deep", arch="transformer", extra=()):
+    # --meta-lr: the look-ahead step of fd/exact (refused with fast, where it cancels)
+    lookahead = ("--meta-lr", "0.5") if ("fd" in extra or "exact" in extra) else ()
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, [
         str(data), "--user-dir", USER_DIR, "--task", "reweighted_translation",
         "--criterion", "reweighted_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-        "--reweight-method", method, "--batch-size", "8", "--meta-lr", "0.5", "--cpu", *ARCHS[arch], *extra])
+        "--reweight-method", method, "--batch-size", "8", *lookahead, "--cpu", *ARCHS[arch], *extra])
     cfg = convert_namespace_to_omegaconf(args)
     task = tasks.setup_task(cfg.task)
     model = task.build_model(cfg.model)
@@ -151,9 +153,10 @@ def _float64_softmax(monkeypatch):
     monkeypatch.setattr(fairseq.utils, "softmax", lambda x, dim, onnx_trace=False: x.softmax(dim))
 
 
-def _fast_setup(data, meta_params, arch="transformer"):
+def _fast_setup(data, meta_params, arch="transformer", extra=()):
     torch.manual_seed(0)
-    cfg, task, model, criterion = build(data, arch=arch, extra=("--dropout", "0.0", "--meta-params", meta_params))
+    cfg, task, model, criterion = build(data, arch=arch, extra=("--dropout", "0.0", "--meta-params", meta_params,
+                                                               *extra))
     model = model.double()
     model.train()
     sample = first_batch(task, "train", model)
@@ -164,17 +167,26 @@ def _fast_setup(data, meta_params, arch="transformer"):
 
 @pytest.mark.parametrize("arch,meta_params", [("transformer", "ffn"), ("transformer", "embed,ffn,output"),
                                               ("transformer", "auto"), ("transformer", "encoder,decoder"),
-                                              ("lstm", "auto")])
-def test_fast_probe_inner_products_are_exact(tiny_data, monkeypatch, arch, meta_params):
+                                              ("lstm", "auto"), ("tied", "embed,encoder"), ("tied", "embed"),
+                                              ("tied", "embed,output")])
+def test_fast_probe_inner_products_are_exact(tiny_data, tied_data, monkeypatch, arch, meta_params):
     """The probe's per-sentence <grad L_meta, grad l_i> on the probed layers equals the same inner
     product from per-sentence autograd, both from a partial backward (l2rw) and from the weighted
-    backward divided by the weights (mwnet/deep); its meta gradient equals autograd's."""
+    backward divided by the weights (mwnet/deep); its meta gradient equals autograd's. ``tied``:
+    --share-all-embeddings, one embedding module under two names tied to the output projection: `embed`
+    is the whole tied parameter (lookups on both sides and the output projection), each use counted once."""
     _float64_softmax(monkeypatch)
-    task, model, criterion, sample = _fast_setup(tiny_data, meta_params, arch)
+    tied = arch == "tied"
+    task, model, criterion, sample = _fast_setup(tied_data if tied else tiny_data, meta_params,
+                                                 "transformer" if tied else arch,
+                                                 ("--share-all-embeddings",) if tied else ())
+    if tied:
+        assert model.encoder.embed_tokens is model.decoder.embed_tokens
+        assert model.decoder.output_projection.weight is model.decoder.embed_tokens.weight
     probe = task._get_probe(model)
     named = probe.parameters()
     params = list(named.values())
-    assert len(params) >= 2
+    assert len(params) >= (1 if (tied and "encoder" not in meta_params) else 2)  # tied: embed = output
     if arch == "transformer" and meta_params == "auto":  # the default: every encoder layer's FFN
         assert {n.rsplit(".", 1)[0] for n in named} == {f"encoder.layers.{i}.{fc}" for i in range(2)
                                                           for fc in ("fc1", "fc2")}, list(named)
@@ -322,7 +334,8 @@ def test_teacher_source_contrast_feature(tiny_data):
 def test_fast_adam_preconditioned_matches_the_exact_adam_lookahead(tiny_data, monkeypatch):
     """--meta-precondition adam through train_step: before fairseq's Adam has stepped the direction is the raw
     meta gradient; after two steps it is that gradient over sqrt(v_hat) + eps, with v_hat from the
-    second-moment recurrence by hand; and the fast meta-gradient with it matches the exact second-order
+    second-moment recurrence by hand (eps as fairseq's Adam applies it, tested against its real step in
+    test_core.py); and the fast meta-gradient with it matches the exact second-order
     meta-gradient through the look-ahead theta' = theta - lr P grad (Adam's step) on the probed layers."""
     from fairseq import optim
 
@@ -347,13 +360,15 @@ def test_fast_adam_preconditioned_matches_the_exact_adam_lookahead(tiny_data, mo
         task.load_state_dict(state)  # replay the same meta batch without the preconditioner
         raw, _ = task._meta_direction(model, criterion, cpu)
         for n in probed:
-            expected = raw[n] if update == 0 else raw[n] / ((v[n] / (1 - betas[1] ** update)).sqrt() + eps)
+            # fairseq's Adam adds eps before the bias correction: eps / sqrt(1 - beta2^t) after it
+            bc2 = 1 - betas[1] ** update
+            expected = raw[n] if update == 0 else raw[n] / ((v[n] / bc2).sqrt() + eps / bc2 ** 0.5)
             assert torch.allclose(direction[n], expected, rtol=1e-9, atol=0), (update, n)
         if update < 2:
             for n, p in probed.items():
                 v[n] = betas[1] * v[n] + (1 - betas[1]) * p.grad ** 2
             optimizer.step()
-    precond = {n: 1 / ((v[n] / (1 - betas[1] ** 2)).sqrt() + eps) for n in probed}
+    precond = {n: 1 / ((v[n] / (1 - betas[1] ** 2)).sqrt() + eps / (1 - betas[1] ** 2) ** 0.5) for n in probed}
     assert precond[next(iter(probed))].std() > 0  # not a uniform rescaling
 
     # fast (first order, preconditioned) against the exact meta-gradient through Adam's look-ahead

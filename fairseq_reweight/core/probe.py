@@ -29,6 +29,7 @@ bounded in the tests: on the probed layers it matches the exact second-order met
 """
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -84,7 +85,15 @@ class LayerProbe:
                                 f"{type(module).__name__}")
             if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
                 raise TypeError(f"{name}: only zero-padded convolutions can be probed")
-        self.layers = list(layers)
+        # a module listed twice (fairseq's --share-all-embeddings: encoder.embed_tokens is decoder.embed_tokens)
+        # is watched once: a second hook would record each of its calls twice
+        unique, seen = [], set()
+        for layer in layers:
+            if id(layer[1]) not in seen:
+                seen.add(id(layer[1]))
+                unique.append(layer)
+        self.layers = unique
+
         self.calls: List[_Call] = []
         self._modules = {n: m for n, m, _ in self.layers}
         self._pname: Dict[int, str] = {}  # id(parameter) -> its (first) name
@@ -306,15 +315,24 @@ def adam_precondition(direction: Direction, params: Dict[str, torch.Tensor],
     states = {name: optimizer.state.get(params[name]) for name in direction}
     if not any(states.values()):
         return direction  # before the optimizer's first step
+    # fairseq's own Adam (CPU, --use-old-adam) and FusedAdamV1 add eps to sqrt(v) before the bias correction:
+    # lr sqrt(bc2)/bc1 m / (sqrt(v) + eps) = lr/bc1 m / (sqrt(v_hat) + eps/sqrt(bc2)); torch's Adam/AdamW (and
+    # apex's fused Adam) add it after: m_hat / (sqrt(v_hat) + eps)
+    eps_before_correction = type(optimizer).__module__.startswith("fairseq.optim") and kind in ("Adam", "FusedAdamV1")
     out: Direction = {}
     for name, v in direction.items():
         st, g = states[name], group_of[id(params[name])]
         if not st or "exp_avg_sq" not in st:
             raise ValueError(f"--meta-precondition adam: {kind} holds no Adam second moment for {name}; use "
                              "--optimizer adam, or drop the flag")
-        v_hat = st["exp_avg_sq"].to(v.device) / (1.0 - g["betas"][1] ** float(st["step"]))
-        out[name] = v / (v_hat.sqrt() + g["eps"]).to(v.dtype)
+        second = st["exp_avg_sq"]
+        if g.get("amsgrad", False):  # AMSGrad normalises by the running maximum of the second moments
+            second = st.get("max_exp_avg_sq", st.get("max_exp_avg_sqs", second))
+        bc2 = 1.0 - g["betas"][1] ** float(st["step"])
+        eps = g["eps"] / math.sqrt(bc2) if eps_before_correction else g["eps"]
+        out[name] = v / ((second.to(v.device) / bc2).sqrt() + eps).to(v.dtype)
     return out
+
 
 
 def first_order(probe: LayerProbe, direction: Direction, meta_loss: torch.Tensor, lr: float, denom: float,

@@ -45,7 +45,7 @@ META_GRADS = ("fast", "fd", "exact")
 def check_flags(method: str, teacher_lr, meta_interval: int, teacher_states: str, meta_grad: str,
                 meta_fd_eps: float, meta_refresh: int = 1, meta_ema: float = 0.0,
                 max_weight: Optional[float] = None, teacher_weight_decay: float = 0.0,
-                meta_precondition: str = "none") -> None:
+                meta_precondition: str = "none", meta_lr: Optional[float] = None) -> None:
     """Reject flag combinations that would be silently ignored (same rules for NMT and images)."""
     m = str(method)
     if str(meta_precondition) not in ("none", "adam"):
@@ -79,6 +79,12 @@ def check_flags(method: str, teacher_lr, meta_interval: int, teacher_states: str
         raise ValueError(f"--meta-grad must be one of {', '.join(META_GRADS)}, got {meta_grad!r}")
     if meta_fd_eps <= 0:
         raise ValueError(f"--meta-fd-eps must be > 0, got {meta_fd_eps}")
+    if meta_lr is not None and (m == "none" or str(meta_grad) == "fast"):
+        # fast: dL/dw = -(lr/denom) <grad L_meta, grad l_i>; the teacher sees it rescaled to unit RMS and l2rw
+        # normalises max(0, -dL/dw) over the batch, so the step size cancels
+        raise ValueError(f"--meta-lr sets the look-ahead step of --meta-grad fd/exact; it has no effect with "
+                         f"--reweight-method {m} --meta-grad {meta_grad} (the step size cancels in the weights): "
+                         "drop it, or use --meta-grad fd/exact")
 
 
 class Reweighter:

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast only: layers whose parameters the meta-gradient uses, comma-separated: fc (the "
                    "classifier), block (convolutions of the last residual block), stage (of the last stage), "
                    "all (every convolution; below BatchNorm their per-example gradients are approximate); auto: fc")
-    g.add_argument("--meta-lr", type=float, help="look-ahead step size (default: the current learning rate)")
+    g.add_argument("--meta-lr", type=float, help="fd/exact only: look-ahead step size (default: the current learning rate)")
     g.add_argument("--meta-batch-size", type=int, default=d.meta_batch_size, help="meta batch (default --batch-size)")
     g.add_argument("--meta-refresh", type=int, default=d.meta_refresh,
                    help="fast only: a fresh meta direction (one meta forward/backward) every N meta updates, reused "

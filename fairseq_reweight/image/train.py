@@ -98,7 +98,7 @@ class TrainConfig:
 def check_config(cfg: TrainConfig) -> None:
     m = cfg.reweight_method
     check_flags(m, cfg.teacher_lr, cfg.meta_interval, cfg.teacher_states, cfg.meta_grad, cfg.meta_fd_eps,
-                cfg.meta_refresh, cfg.meta_ema, cfg.max_weight, cfg.teacher_weight_decay)
+                cfg.meta_refresh, cfg.meta_ema, cfg.max_weight, cfg.teacher_weight_decay, meta_lr=cfg.meta_lr)
     if m != "none" and cfg.meta_size <= 0:
         raise ValueError(f"--reweight-method {m} needs a clean meta set: --meta-size must be > 0")
     check_rate(cfg.noise_rate)
