@@ -7,11 +7,10 @@ The framework-agnostic core (teachers, meta-gradients, diagnostics) is :mod:`fai
 
 __version__ = "0.1.0"
 
-from . import compat  # noqa: F401  (checkpoint loading under torch >= 2.6)
+import sys as _sys
 
-try:
-    import fairseq  # noqa: F401
-except ImportError:  # the core and the image module work without fairseq
-    pass
-else:
-    from . import criterion, task  # noqa: F401  (registers the task and the criterion)
+# fairseq's --user-dir imports this package with fairseq already loaded: register the task and the criterion
+# then. Anything else (`python -m fairseq_reweight.noise`, the image module, the core, analysis scripts) starts
+# without importing fairseq (~3 s); `import fairseq_reweight.task` registers them explicitly.
+if "fairseq" in _sys.modules:
+    from . import compat, criterion, task  # noqa: F401  (compat: checkpoint loading under torch >= 2.6)

@@ -24,6 +24,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 from torch import nn
 
+from . import compat  # noqa: F401  (checkpoint loading under torch >= 2.6)
 from .core import (
     METHODS, LayerProbe, MetaDirection, MetaGrad, Reweighter, WeightDumper, adam_precondition, capture_rng,
     check_flags, first_order, fixed_rng, functional_call, meta_direction, parse_states_spec, weight_gradient,
