@@ -25,6 +25,8 @@ from omegaconf import II
 from torch import nn
 
 from . import compat  # noqa: F401  (checkpoint loading under torch >= 2.6)
+from .core import recipe
+from .core.recipe import RECIPES
 from .core import (
     METHODS, LayerProbe, MetaDirection, MetaGrad, Reweighter, WeightDumper, adam_precondition, capture_rng,
     check_flags, first_order, fixed_rng, functional_call, meta_direction, parse_states_spec, weight_gradient,
@@ -42,10 +44,17 @@ class ReweightedTranslationConfig(TranslationConfig):
         metadata={"help": "none: uniform weights (plain training); l2rw: Ren et al. 2018; mwnet: Shu et al. "
                   "2019 (teacher sees the loss); deep: Fan et al. 2021 (teacher sees decoder states)"},
     )
+    reweight_recipe: ChoiceEnum(RECIPES) = field(
+        default="tuned",
+        metadata={"help": "what unset flags of deep mean: tuned (the best measured recipe: plain warm-up, source "
+                  "contrast, averaged and Adam-preconditioned meta direction, weights capped at 2) or paper (Fan et "
+                  "al. 2021 as published); l2rw/mwnet are the published forms under both"},
+    )
     meta_subset: str = field(default="meta", metadata={"help": "clean data-bin split for the meta loss"})
     meta_interval: int = field(default=1, metadata={"help": "update the teacher every N updates"})
-    reweight_warmup: int = field(
-        default=0, metadata={"help": "train with uniform weights (no teacher/meta updates) for the first N updates"}
+    reweight_warmup: Optional[int] = field(
+        default=None, metadata={"help": "train with uniform weights (no teacher/meta updates) for the first N updates "
+                                "(default: a third of --max-update for deep with --reweight-recipe tuned, else 0)"}
     )
     meta_grad: ChoiceEnum(["fast", "fd", "exact"]) = field(
         default="fast",
@@ -61,11 +70,11 @@ class ReweightedTranslationConfig(TranslationConfig):
                   "transformer layer's fc1/fc2), output (the output projection); auto: encoder for transformers, else "
                   "embed (else output)"},
     )
-    meta_precondition: ChoiceEnum(["none", "adam"]) = field(
-        default="none",
-        metadata={"help": "fast only: adam scores each sentence along the step the student's Adam would take, "
-                  "<P grad L_meta, grad l_i> with P = 1/(sqrt(v_hat)+eps) from the optimizer's second moments "
-                  "(the look-ahead of an Adam student); none: along the raw gradient, as in the papers"},
+    meta_precondition: ChoiceEnum(["auto", "none", "adam"]) = field(
+        default="auto",
+        metadata={"help": "fast only: adam scores each sentence along the step the student's Adam would take (the "
+                  "look-ahead of an Adam student); none: along the raw gradient, as in the papers; auto: adam for "
+                  "deep with --reweight-recipe tuned and an Adam student, else none"},
     )
     meta_lr: Optional[float] = field(
         default=None, metadata={"help": "fd/exact only: step size of the look-ahead (default: the current learning rate)"}
@@ -74,23 +83,23 @@ class ReweightedTranslationConfig(TranslationConfig):
     meta_batch_size: Optional[int] = field(
         default=None, metadata={"help": "meta batch sentences (default --batch-size)"}
     )
-    meta_refresh: int = field(
-        default=1,
+    meta_refresh: Optional[int] = field(
+        default=None,
         metadata={"help": "fast only: a fresh meta direction (one meta forward/backward) every N meta updates, reused "
-                  "in between, so the teacher can learn at every update at a fraction of the cost"},
+                  "in between (default: 4 for deep with --reweight-recipe tuned, else 1)"},
     )
-    meta_ema: float = field(
-        default=0.0,
-        metadata={"help": "fast only: exponential average of the fresh meta directions with this decay (e.g. 0.9), "
-                  "against the noise of a single meta batch; 0: the latest direction"},
+    meta_ema: Optional[float] = field(
+        default=None,
+        metadata={"help": "fast only: exponential average of the fresh meta directions with this decay; 0: the "
+                  "latest direction (default: 0.9 for deep with --reweight-recipe tuned, else 0)"},
     )
     meta_fd_eps: float = field(
         default=1e-3, metadata={"help": "fd only: finite-difference step relative to the parameter norm"}
     )
     max_weight: Optional[float] = field(
         default=None,
-        metadata={"help": "cap each normalised weight at this value (> 1; weights have mean 1 over the batch), so the "
-                  "weights cannot concentrate a batch on a few sentences; e.g. 2"},
+        metadata={"help": "cap each normalised weight at this value (> 1; weights have mean 1 over the batch); 0: no "
+                  "cap (default: 2 for deep with --reweight-recipe tuned, else no cap)"},
     )
     teacher_lr: Optional[float] = field(default=None, metadata={"help": "teacher Adam lr (mwnet/deep; default 1e-3)"})
     teacher_hidden: int = field(default=100, metadata={"help": "teacher MLP hidden size"})
@@ -112,9 +121,8 @@ class ReweightedTranslationConfig(TranslationConfig):
     teacher_source_contrast: bool = field(
         default=False,
         metadata={"help": "deep only: also give the teacher how much each target's per-token NLL rises when the "
-                  "decoder reads another sentence's source (one extra decoder forward without graph). It flags "
-                  "targets that do not translate their source: AUC 0.93 alone on 30%% misaligned Multi30k after "
-                  "1200 updates of plain training"},
+                  "decoder reads another sentence's source (one extra decoder forward without graph; on by "
+                  "default with --reweight-recipe tuned)"},
     )
     teacher_progress_horizon: int = field(
         default=0, metadata={"help": "updates that count as progress 1.0 (default --max-update, else 10000)"}
@@ -187,6 +195,20 @@ class ReweightedTranslationTask(TranslationTask):
 
     def __init__(self, cfg: ReweightedTranslationConfig, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
+        explicit_precondition = str(cfg.meta_precondition) == "adam"
+        resolved = recipe.resolve(
+            str(cfg.reweight_recipe), str(cfg.reweight_method), str(cfg.meta_grad), cfg.max_update,
+            meta_refresh=cfg.meta_refresh, meta_ema=cfg.meta_ema, max_weight=cfg.max_weight,
+            meta_precondition=str(cfg.meta_precondition), teacher_source_contrast=cfg.teacher_source_contrast,
+            reweight_warmup=cfg.reweight_warmup)
+        for k, v in resolved.items():
+            setattr(cfg, k, v)
+        # the recipe's Adam preconditioning falls back to none for a student optimizer without Adam moments
+        self._precondition_optional = cfg.meta_precondition == "adam" and not explicit_precondition
+        if cfg.reweight_method != "none":
+            logger.info(f"--reweight-method {cfg.reweight_method}, --reweight-recipe {cfg.reweight_recipe}: "
+                        f"{recipe.describe(resolved)}")
+
         check_flags(cfg.reweight_method, cfg.teacher_lr, cfg.meta_interval, cfg.teacher_states, cfg.meta_grad,
                     cfg.meta_fd_eps, cfg.meta_refresh, cfg.meta_ema, cfg.max_weight, cfg.teacher_weight_decay,
                     cfg.meta_precondition, cfg.meta_lr)
@@ -440,7 +462,7 @@ class ReweightedTranslationTask(TranslationTask):
         if fast and self._direction_update != update_num:  # first micro-batch of this update
             with torch.autograd.profiler.record_function("meta_direction"):
                 self._direction = self._meta_direction(inner, criterion, device)
-                if self.cfg.meta_precondition == "adam":  # along the step Adam would take
+                if self.cfg.meta_precondition == "adam" and self._adam_student(optimizer):  # along Adam's step
                     direction, meta_loss = self._direction
                     self._direction = (adam_precondition(direction, self._get_probe(inner).parameters(),
                                                          optimizer.optimizer), meta_loss)
@@ -535,6 +557,16 @@ class ReweightedTranslationTask(TranslationTask):
                             "every meta update)")
 
     # ------------------------------------------------------------------ meta-gradients
+    def _adam_student(self, optimizer) -> bool:
+        """False (once logged) when the recipe asked for Adam preconditioning of a student without Adam moments."""
+        if self._precondition_optional and not all("betas" in g for g in optimizer.optimizer.param_groups):
+            logger.info(f"--reweight-recipe {self.cfg.reweight_recipe}: the student's optimizer "
+                        f"{type(optimizer.optimizer).__name__} is not Adam-type, so the meta direction is not "
+                        "preconditioned (--meta-precondition none)")
+            self.cfg.meta_precondition = "none"
+            return False
+        return True
+
     def _get_probe(self, inner) -> LayerProbe:
         if self._probe is None:
             self._probe = LayerProbe(probe_layers(inner, self.cfg.meta_params))

@@ -131,7 +131,7 @@ def nmt_worker(conn, argv, threads):
     import torch
 
     torch.set_num_threads(threads)
-    import fairseq_reweight  # noqa: F401  (registers the task; torch.load allow-list)
+    import fairseq_reweight.task  # noqa: F401  (registers the task; torch.load allow-list)
     from fairseq import options, tasks, utils
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq.trainer import Trainer

@@ -62,7 +62,7 @@ def groups_of(name: str, last_decoder_layer: int):
 
 
 def load(checkpoint, data, with_cfg=False):
-    import fairseq_reweight  # noqa: F401  (torch.load of fairseq checkpoints under torch >= 2.6)
+    import fairseq_reweight.task  # noqa: F401  (registers the task; torch.load of fairseq checkpoints)
     from fairseq import checkpoint_utils
 
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(checkpoint)],

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from fairseq_reweight import compat  # noqa: F401  (torch.load of fairseq checkpoints in the tests themselves)
+
 ROOT = Path(__file__).resolve().parents[1]
 USER_DIR = str(ROOT / "fairseq_reweight")
 BIN = Path(sys.executable).parent
@@ -87,6 +89,9 @@ def train_cmd(data, save_dir, method="deep", arch="transformer", max_update=6, e
            "--max-update", str(max_update), "--save-dir", save_dir, "--seed", "1", "--log-format", "simple",
            "--log-interval", "1", "--no-epoch-checkpoints", "--num-workers", "0",
            "--dropout", "0.1"] + ARCHS[arch]
+    # the tests of the mechanics use the plain flags (--reweight-recipe paper); the tuned defaults have their own
+    if method != "none" and "--reweight-recipe" not in [str(x) for x in extra]:
+        cmd += ["--reweight-recipe", "paper"]
     return cmd + list(extra)
 
 

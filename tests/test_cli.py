@@ -16,7 +16,7 @@ def inner_logs(text, key):
 
 def load(path):
     # weights_only=True (torch's default): the plugin's allow-list must make fairseq checkpoints load
-    import fairseq_reweight  # noqa: F401
+    import fairseq_reweight.compat  # noqa: F401
 
     return torch.load(path, map_location="cpu")
 
@@ -102,7 +102,7 @@ def test_checkpoints_need_the_plugin_allow_list(tiny_data, tmp_path):
     code = "import torch,sys; torch.load(sys.argv[1], map_location='cpu'); print('LOADED')"
     bare = run([BIN / "python", "-c", code, save / "checkpoint_last.pt"], check=False)
     assert bare.returncode != 0 and "weights_only" in bare.stdout
-    ok = run([BIN / "python", "-c", "import fairseq_reweight;" + code, save / "checkpoint_last.pt"])
+    ok = run([BIN / "python", "-c", "import fairseq_reweight.compat;" + code, save / "checkpoint_last.pt"])
     assert "LOADED" in ok.stdout
 
 
@@ -140,3 +140,20 @@ def test_clear_errors(tiny_data, tmp_path, extra, message):
     assert message in p.stdout, p.stdout[-2000:]
     assert "begin training epoch" not in p.stdout, "the error should fire at start-up, before any training"
 
+
+
+def test_deep_defaults_run_the_tuned_recipe(tiny_data, tmp_path):
+    """`--reweight-method deep` with nothing else runs the tuned recipe (logged; a third of the updates plain);
+    with a student optimizer that has no Adam moments its Adam preconditioning falls back to none, while an
+    explicit --meta-precondition adam stays an error there."""
+    p = run(train_cmd(tiny_data, tmp_path / "tuned", "deep", max_update=6, extra=["--reweight-recipe", "tuned"]))
+    assert ("--reweight-recipe tuned: meta_refresh=4, meta_ema=0.9, max_weight=2.0, meta_precondition=adam, "
+            "teacher_source_contrast=True, reweight_warmup=2") in p.stdout
+    rw = load(tmp_path / "tuned" / "checkpoint_last.pt")["task_state"]["reweighter"]
+    assert rw["meta_steps"] == 4 and rw["in_dim"] == 32 + 6  # decoder states + 4 stats + contrast + progress
+    sgd = ["--reweight-recipe", "tuned", "--optimizer", "sgd"]
+    p = run(train_cmd(tiny_data, tmp_path / "sgd", "deep", max_update=4, extra=sgd))
+    assert "is not Adam-type, so the meta direction is not preconditioned" in p.stdout
+    p = run(train_cmd(tiny_data, tmp_path / "sgd2", "deep", max_update=4, extra=sgd + ["--meta-precondition", "adam"]),
+            check=False)
+    assert p.returncode != 0 and "needs an Adam-type student optimizer" in p.stdout

@@ -482,3 +482,27 @@ def test_core_noise_and_image_start_without_fairseq():
     code = ("import fairseq, fairseq_reweight; from fairseq.tasks import TASK_REGISTRY; "
             "assert 'reweighted_translation' in TASK_REGISTRY")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_recipe_resolves_unset_flags_and_keeps_explicit_ones():
+    from fairseq_reweight.core import recipe
+
+    tuned = recipe.resolve("tuned", "deep", "fast", 1200)
+    assert tuned == {"meta_refresh": 4, "meta_ema": 0.9, "max_weight": 2.0, "meta_precondition": "adam",
+                     "teacher_source_contrast": True, "reweight_warmup": 400}
+    paper = recipe.resolve("paper", "deep", "fast", 1200)
+    assert paper == {"meta_refresh": 1, "meta_ema": 0.0, "max_weight": None, "meta_precondition": "none",
+                     "teacher_source_contrast": False, "reweight_warmup": 0}
+    for method in ("none", "l2rw", "mwnet"):  # the published forms under both recipes
+        assert recipe.resolve("tuned", method, "fast", 1200) == paper
+    # explicit flags win; --max-weight 0 is no cap; fast-only flags stay plain with fd/exact
+    mine = recipe.resolve("tuned", "deep", "fast", 1200, meta_refresh=1, max_weight=0, reweight_warmup=0,
+                          meta_precondition="none")
+    assert mine["meta_refresh"] == 1 and mine["max_weight"] is None and mine["reweight_warmup"] == 0
+    assert mine["meta_ema"] == 0.9 and mine["meta_precondition"] == "none"
+    fd = recipe.resolve("tuned", "deep", "fd", 1200)
+    assert (fd["meta_refresh"], fd["meta_ema"], fd["meta_precondition"]) == (1, 0.0, "none")
+    assert fd["max_weight"] == 2.0 and fd["teacher_source_contrast"] and fd["reweight_warmup"] == 400
+    assert recipe.resolve("tuned", "deep", "fast", 0)["reweight_warmup"] == 0  # no --max-update: no warm-up
+    with pytest.raises(ValueError, match="--reweight-recipe must be one of tuned, paper"):
+        recipe.resolve("best", "deep", "fast", 10)

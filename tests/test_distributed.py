@@ -127,7 +127,7 @@ def _trainer(data, method="deep"):
     args = options.parse_args_and_arch(options.get_training_parser(), [
         str(data), "--user-dir", USER_DIR, "--task", "reweighted_translation", "--criterion",
         "reweighted_label_smoothed_cross_entropy", "--reweight-method", method, "--cpu", "--optimizer", "adam",
-        "--lr", "1e-3", "--max-tokens", "400", "--seed", "1", *ARCHS["transformer"]])
+        "--lr", "1e-3", "--max-tokens", "400", "--seed", "1", "--reweight-recipe", "paper", *ARCHS["transformer"]])
     cfg = convert_namespace_to_omegaconf(args)
     torch.manual_seed(1)
     task = tasks.setup_task(cfg.task)
@@ -263,6 +263,7 @@ DDP_CASES = {
     "deep-refresh-ema": ("deep", ["--meta-refresh", "4", "--meta-ema", "0.9"]),
     "deep-update-freq2": ("deep", ["--update-freq", "2"]),
     "deep-recipe": ("deep", ["--teacher-source-contrast", "--max-weight", "2", "--meta-precondition", "adam"]),
+    "deep-tuned-defaults": ("deep", ["--reweight-recipe", "tuned"]),  # warm-up, contrast, refresh/EMA, cap, adam
 }
 
 
@@ -282,7 +283,8 @@ def test_ddp_survives_epochs_that_do_not_divide_over_the_workers(odd_data, tmp_p
         rw = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)["extra_state"][
             "ReweightedTranslationTask"]["reweighter"]
         interval = 2 if "--meta-interval" in extra else 1
-        assert rw["meta_steps"] == max_update // interval
+        warmup = round(max_update / 3) if "tuned" in extra else 0  # the tuned recipe's plain first third
+        assert rw["meta_steps"] == (max_update - warmup) // interval
 
 
 def test_ddp_none_on_uneven_shards_equals_one_process(odd_data, tmp_path):

@@ -19,7 +19,8 @@ def build(data, method="deep", arch="transformer", extra=()):
     args = options.parse_args_and_arch(parser, [
         str(data), "--user-dir", USER_DIR, "--task", "reweighted_translation",
         "--criterion", "reweighted_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-        "--reweight-method", method, "--batch-size", "8", *lookahead, "--cpu", *ARCHS[arch], *extra])
+        "--reweight-method", method, "--batch-size", "8", *lookahead, "--cpu", *ARCHS[arch],
+        *(() if "--reweight-recipe" in extra else ("--reweight-recipe", "paper")), *extra])
     cfg = convert_namespace_to_omegaconf(args)
     task = tasks.setup_task(cfg.task)
     model = task.build_model(cfg.model)
