@@ -273,7 +273,13 @@ def test_fast_matches_exact_on_the_probed_layers(tiny_data, monkeypatch):
     exact_all = weight_gradient(allp, losses, meta, w, lr, denom, mode="exact").grad_w
     cos_all = torch.nn.functional.cosine_similarity(fast, exact_all, dim=0)
     print(f"cosine(fast on ffn, exact on all parameters) = {cos_all:.3f}; on the probed layers {cos:.4f}")
-    assert cos_all > 0
+    assert cos_all >= 0.98, cos_all  # the README quotes 0.985
+    # the agreement on the probed layers is the O(lr) limit, not a look-ahead that does nothing: at a 100x larger
+    # step the exact meta-gradient moves away from the first-order one by far more
+    far = weight_gradient(probed, losses, meta, w, 0.1, denom, mode="exact").grad_w
+    cos_far = torch.nn.functional.cosine_similarity(fast, far, dim=0)
+    print(f"probed layers: 1 - cos = {1 - cos:.2e} at lr {lr}, {1 - cos_far:.2e} at lr 0.1")
+    assert 1 - cos_far > 10 * (1 - cos) and 1 - cos_far > 1e-6, (cos, cos_far)
 
 
 def test_teacher_length_ratio_feature(tiny_data):
