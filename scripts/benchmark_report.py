@@ -113,12 +113,13 @@ def main(argv=None):
     p.add_argument("--runs-dir", required=True)
     p.add_argument("--results-dir", required=True)
     p.add_argument("--seeds", default="1 2")
-    p.add_argument("--methods", default="none l2rw mwnet deep")
+    p.add_argument("--methods", default="none l2rw mwnet deep perfect")
     p.add_argument("--conditions", default="clean noisy")
     p.add_argument("--noise", default="misaligned")
     p.add_argument("--noise-rate", default="0.3")
-    p.add_argument("--preset", default="tiny-cpu")
+    p.add_argument("--preset", default="small-cpu")
     p.add_argument("--max-update", default="?")
+    p.add_argument("--warmup", default="0", help="updates of the shared plain warm-up")
     p.add_argument("--jobs", default="1")
     p.add_argument("--threads", default="1")
     p.add_argument("--data-clean", default="")
@@ -138,6 +139,8 @@ def main(argv=None):
     R = {}
     for c in conds:
         for m in methods:
+            if m == "perfect" and c != "noisy":
+                continue  # the noisy condition's reference only
             for s in seeds:
                 d = runs / c / m / f"seed{s}"
                 bleu = load_json(d / "bleu_test.json")
@@ -146,6 +149,9 @@ def main(argv=None):
                 R[c, m, s] = {"dir": d, "bleu": bleu, "ana": ana, "spu": spu, "updates": final_updates(d / "train.log"),
                               "wall": (load_json(d / "train_time.json") or {}).get("wall_seconds")}
     done = sum(r["bleu"] is not None for r in R.values())
+
+    def get(c, m, s):
+        return R.get((c, m, s), {"bleu": None, "ana": None, "spu": None, "wall": None})
 
     L = []
     L.append("# Multi30k De→En: learning to reweight, four methods, clean and noisy training data\n")
@@ -156,7 +162,13 @@ def main(argv=None):
              f"(`scripts/prepare_multi30k.sh`). Test: test_2016_flickr (1000 sentences).")
     L.append(f"- Training: `scripts/train_translation.sh METHOD DATA SAVE --preset {args.preset} --seed S "
              f"--max-update {args.max_update} --threads {args.threads}`; the same preset, seeds and number of updates "
-             f"for every method; {args.jobs} run(s) at a time.")
+             f"for every method, each method with its defaults; {args.jobs} run(s) at a time."
+             + (f" Shared warm-up: the first {args.warmup} updates are plain training, trained once per seed and "
+                "condition; every method continues from that checkpoint (`--continue-once`)."
+                if str(args.warmup) not in ("", "0") else "")
+             + (" `perfect`: plain training on the clean pairs of the noisy data only (perfect weights), from "
+                "scratch, same number of updates." if "perfect" in methods else ""))
+
     L.append("- BLEU/chrF: `scripts/eval_bleu.sh` (beam 5, checkpoint_last.pt, sentencepiece-decoded, sacrebleu on "
              "detokenised text against the raw references). Cells: mean ± sample s.d. over seeds (per-seed values).")
     L.append("- Weight AUC: `scripts/analyze_weights.py`; AUC of the weight as a score for *clean* vs *corrupted* "
@@ -169,7 +181,7 @@ def main(argv=None):
     L.append("| method | " + " | ".join(label[c] for c in conds) + " |")
     L.append("|---|" + "---|" * len(conds))
     for m in methods:
-        cells = [fmt_stat([R[c, m, s]["bleu"]["bleu"] if R[c, m, s]["bleu"] else None for s in seeds]) for c in conds]
+        cells = [fmt_stat([get(c, m, s)["bleu"]["bleu"] if get(c, m, s)["bleu"] else None for s in seeds]) for c in conds]
         L.append(f"| {m} | " + " | ".join(cells) + " |")
     L.append(f"\nsacrebleu signature: `{sig}`\n" if sig else "\n(no finished runs yet)\n")
 
@@ -177,7 +189,7 @@ def main(argv=None):
     L.append("| method | " + " | ".join(label[c] for c in conds) + " |")
     L.append("|---|" + "---|" * len(conds))
     for m in methods:
-        cells = [fmt_stat([R[c, m, s]["bleu"]["chrf"] if R[c, m, s]["bleu"] else None for s in seeds]) for c in conds]
+        cells = [fmt_stat([get(c, m, s)["bleu"]["chrf"] if get(c, m, s)["bleu"] else None for s in seeds]) for c in conds]
         L.append(f"| {m} | " + " | ".join(cells) + " |")
     if csig:
         L.append(f"\nchrF signature: `{csig}`\n")
@@ -187,7 +199,7 @@ def main(argv=None):
         L.append("| method | AUC, last 20% of updates | AUC of per-sentence mean weight, last 20% | "
                  "mean weight clean / corrupted, last 20% | AUC of −loss (reference) |")
         L.append("|---|---|---|---|---|")
-        for m in methods:
+        for m in (m for m in methods if m != "perfect"):
             anas = [R["noisy", m, s]["ana"] for s in seeds]
 
             def col(key, nd=3):
@@ -211,10 +223,10 @@ def main(argv=None):
     for m in methods:
         cells = []
         for c in conds:
-            spu = mean_sd([R[c, m, s]["spu"] for s in seeds])[0]
+            spu = mean_sd([get(c, m, s)["spu"] for s in seeds])[0]
             ratio = spu / base[c] if spu is not None and base[c] else None
             cells += [f"{spu:.3f}" if spu is not None else "–", f"{ratio:.2f}×" if ratio is not None else "–"]
-        walls = [R[c, m, s]["wall"] for c in conds for s in seeds if R[c, m, s]["wall"]]
+        walls = [get(c, m, s)["wall"] for c in conds for s in seeds if get(c, m, s)["wall"]]
         wall = f"{statistics.mean(walls) / 60:.1f}" if walls else "–"
         L.append(f"| {m} | " + " | ".join(cells) + f" | {wall} |")
     L.append("")
@@ -223,12 +235,12 @@ def main(argv=None):
     plots = []
     if "noisy" in conds:
         for s in seeds:
-            curves = {m: R["noisy", m, s]["ana"]["curve"] for m in methods if R["noisy", m, s]["ana"]}
+            curves = {m: R["noisy", m, s]["ana"]["curve"] for m in methods if m != "perfect" and R["noisy", m, s]["ana"]}
             if curves:
                 path = out / "weights_auc_all.png"
                 combined_auc_plot(curves, path, f"weight AUC over training, {noisy_label}, seed {s}")
                 plots.append((f"Weight AUC over training, all methods (seed {s})", path.name))
-                for m in methods:
+                for m in (m for m in methods if m != "perfect"):
                     d = R["noisy", m, s]["dir"]
                     for name, what in (("weights_hist.png", "weight histogram, clean vs corrupted"),
                                        ("weights_auc.png", "weight AUC over training")):
@@ -254,6 +266,25 @@ def main(argv=None):
     missing = [f"{c}/{m}/seed{s}" for (c, m, s), r in R.items() if r["bleu"] is None]
     if missing:
         L.append(f"\nMissing (not finished yet): {', '.join(missing)}")
+    cond_name = {"clean": "clean", "noisy": f"{args.noise}{float(args.noise_rate):g}"}
+    rows = []
+    for (c, m, s), r in sorted(R.items()):
+        if r["bleu"] is None:
+            continue
+        a = r["ana"].get("auc_last") if (r["ana"] and c == "noisy" and m not in ("none", "perfect")) else None
+        rows.append({"method": m, "condition": cond_name[c], "seed": int(s), "bleu": r["bleu"]["bleu"],
+                     "chrf": r["bleu"]["chrf"], "auc": a})
+    (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    if "noisy" in conds and {"none", "perfect"} <= set(methods):
+        mean = {m: mean_sd([get("noisy", m, s)["bleu"]["bleu"] if get("noisy", m, s)["bleu"] else None
+                            for s in seeds])[0] for m in methods}
+        if mean["none"] is not None and mean["perfect"] is not None and mean["perfect"] > mean["none"]:
+            gap = mean["perfect"] - mean["none"]
+            parts = [f"`{m}` {100 * (mean[m] - mean['none']) / gap:+.0f} %" for m in methods
+                     if m not in ("none", "perfect") and mean[m] is not None]
+            L.insert(L.index("## chrF on test_2016_flickr\n"),
+                     f"Share of the gap to perfect weights ({gap:.2f} BLEU, {noisy_label}) recovered, mean over "
+                     f"seeds: {', '.join(parts) or '–'}.\n")
     text = "\n".join(L) + "\n"
     (out / "RESULTS.md").write_text(text, encoding="utf-8")
     print(text)

@@ -208,7 +208,7 @@ fi
 report() {
     python "$ROOT/scripts/benchmark_report.py" --runs-dir "$RUNS" --results-dir "$RESULTS" --seeds "$SEEDS" \
         --methods "$METHODS" --conditions "$CONDITIONS" --noise "$NOISE" --noise-rate "$RATE" \
-        --preset "$PRESET" --max-update "$MAX_UPDATE" --jobs "$JOBS" --threads "$THREADS" --data-clean "$DATA_CLEAN" --data-noisy "$DATA_NOISY" \
+        --preset "$PRESET" --max-update "$MAX_UPDATE" --warmup "$WARMUP" --jobs "$JOBS" --threads "$THREADS" --data-clean "$DATA_CLEAN" --data-noisy "$DATA_NOISY" \
         --command "scripts/run_multi30k_benchmark.sh $*"
 }
 ARGS_STR="--seeds \"$SEEDS\" --max-update $MAX_UPDATE --warmup $WARMUP${DEEP_ARGS:+ --deep-args \"$DEEP_ARGS\"} --preset $PRESET --noise $NOISE --noise-rate $RATE --jobs $JOBS --threads $THREADS${TRAIN_ARGS:+ --train-args \"$TRAIN_ARGS\"}${GPU:+ --gpu}"

@@ -429,6 +429,22 @@ def test_benchmark_report_and_dry_run(tmp_path):
     assert "| deep | 0.900 [1 missing] |" in md and "| none | 0.500 ± 0.000 (0.500, 0.500) |" in md
     assert "| none | 0.400 | 1.00× | 0.400 | 1.00× |" in md and "| deep | 0.800 | 2.00× | 0.800 | 2.00× |" in md
     assert (res / "weights_auc_all.png").exists()
+    # with the perfect-weight reference: the share of its gap each method recovers, and results.json
+    for s, v in ((1, 28.0), (2, 30.0)):
+        d = runs / "noisy" / "perfect" / f"seed{s}"
+        d.mkdir(parents=True)
+        (d / "bleu_test.json").write_text(json.dumps({"bleu": v, "chrf": 55.0, "bleu_signature": "SIG",
+                                                      "chrf_signature": "CSIG"}))
+    sh([sys.executable, SCRIPTS / "benchmark_report.py", "--runs-dir", runs, "--results-dir", res,
+        "--methods", "none deep perfect", "--seeds", "1 2"])
+    md = (res / "RESULTS.md").read_text()
+    assert "| perfect | – | 29.00 ± 1.41 (28.00, 30.00) |" in md
+    assert "Share of the gap to perfect weights (8.00 BLEU, misaligned 30%) recovered, mean over seeds: `deep` +50 %" in md
+    rows = json.loads((res / "results.json").read_text())
+    assert {"method": "deep", "condition": "misaligned0.3", "seed": 1, "bleu": 25.0, "chrf": 50.0, "auc": 0.9} in rows
+    assert {"method": "none", "condition": "clean", "seed": 2, "bleu": 31.0, "chrf": 50.0, "auc": None} in rows
+    assert {"method": "perfect", "condition": "misaligned0.3", "seed": 1, "bleu": 28.0, "chrf": 55.0, "auc": None} in rows
+    assert len(rows) == 9  # 11 runs, noisy/deep/seed2 unfinished, none of perfect on clean
 
     p = sh([SCRIPTS / "run_multi30k_benchmark.sh", "--dry-run", "--runs-dir", runs, "--seeds", "1 2 3"])
     lines = [x for x in p.stdout.splitlines() if x.startswith(("todo", "done"))]
