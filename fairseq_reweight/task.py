@@ -101,6 +101,11 @@ class ReweightedTranslationConfig(TranslationConfig):
         metadata={"help": "cap each normalised weight at this value (> 1; weights have mean 1 over the batch); 0: no "
                   "cap (default: 2 for deep with --reweight-recipe tuned, else no cap)"},
     )
+    max_weight_gradient: ChoiceEnum(["zero", "through"]) = field(
+        default="zero",
+        metadata={"help": "the teacher's gradient for a sentence at --max-weight: zero (the cap's exact gradient) or "
+                  "through (as if uncapped, so a sentence at the cap can still be pushed down)"},
+    )
     teacher_lr: Optional[float] = field(default=None, metadata={"help": "teacher Adam lr (mwnet/deep; default 1e-3)"})
     teacher_hidden: int = field(default=100, metadata={"help": "teacher MLP hidden size"})
     teacher_weight_decay: float = field(
@@ -245,6 +250,7 @@ class ReweightedTranslationTask(TranslationTask):
             world_size=_rank_world()[1],
             seed=cfg.seed,
             max_weight=cfg.max_weight,
+            cap_gradient=str(cfg.max_weight_gradient),
         )
         self._layers: Optional[List[int]] = None
         self._meta_epoch_itr = None

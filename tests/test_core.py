@@ -506,3 +506,25 @@ def test_recipe_resolves_unset_flags_and_keeps_explicit_ones():
     assert recipe.resolve("tuned", "deep", "fast", 0)["reweight_warmup"] == 0  # no --max-update: no warm-up
     with pytest.raises(ValueError, match="--reweight-recipe must be one of tuned, paper"):
         recipe.resolve("best", "deep", "fast", 10)
+
+
+def test_cap_gradient_through_keeps_the_forward_and_reaches_capped_examples():
+    """cap_gradient="through": the same weights as the water-filling cap, the same gradient for the examples
+    below the cap, and for a capped example the gradient of its uncapped share s * r_i (zero in the exact
+    water-filling), so a teacher can still push down an example that sits at the cap."""
+    from fairseq_reweight.core import normalize
+
+    raw = torch.tensor([0.9, 0.05, 0.1, 0.2, 0.15, 0.1], dtype=torch.float64, requires_grad=True)
+    g = torch.tensor([1.0, -0.5, 0.3, 0.2, -0.1, 0.4], dtype=torch.float64)
+    w0 = normalize(raw, 2.0)
+    w1 = normalize(raw, 2.0, cap_gradient="through")
+    assert torch.equal(w0.detach(), w1.detach()) and float(w0[0]) == 2.0  # example 0 is capped
+    (d0,) = torch.autograd.grad((w0 * g).sum(), raw)
+    (d1,) = torch.autograd.grad((w1 * g).sum(), raw)
+    assert d0[0] == 0 and d1[0] != 0
+    free = raw.detach()[1:]
+    s = (6 - 2.0) / free.sum()  # the free examples' scale
+    # the free examples: identical (they share s); the capped one: s * g_0 plus nothing else
+    assert torch.allclose(d1[1:], d0[1:], rtol=1e-12) and torch.isclose(d1[0], s * g[0], rtol=1e-12)
+    with pytest.raises(ValueError, match="cap_gradient must be zero or through"):
+        normalize(raw, 2.0, cap_gradient="soft")

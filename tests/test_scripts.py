@@ -66,7 +66,7 @@ def noisy_bin(multi30k_raw, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------- help / errors
 @pytest.mark.parametrize("script", ["prepare_multi30k.sh", "prepare_iwslt14.sh", "train_translation.sh",
                                     "eval_bleu.sh", "run_multi30k_benchmark.sh", "analyze_weights.py",
-                                    "mt_helpers.py", "benchmark_report.py", "meta_signal.py"])
+                                    "mt_helpers.py", "benchmark_report.py", "meta_signal.py", "quickstart.sh"])
 def test_help(script):
     cmd = [SCRIPTS / script, "--help"] if script.endswith(".sh") else [sys.executable, SCRIPTS / script, "--help"]
     p = sh(cmd)
