@@ -25,6 +25,7 @@ setup(
         "tqdm",
     ],
     extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["fairseq-reweight-score=fairseq_reweight.score:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
