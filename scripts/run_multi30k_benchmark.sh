@@ -27,7 +27,10 @@ train.log and bleu_test.json exist is skipped, so re-running the command picks u
 
 Options:
   --seeds "S1 S2 ..."    training seeds (default "1 2"; >= 2 gives mean +- spread)
-  --methods "M ..."      subset of "none l2rw mwnet deep perfect" (default all five)
+  --methods "M ..."      subset of "none l2rw mwnet deep perfect" (default all five), and the filter baselines
+                         filter-SCORE (SCORE: teacher, source-contrast, loss, dual-xent; noisy condition only):
+                         score the train pairs with fairseq-reweight-score (the none run of the seed, the deep run
+                         for teacher, a backward model for dual-xent), keep the best --filter-keep, retrain none
   --max-update N         updates per run (default: the preset's, 1060 for small-cpu)
   --warmup W             shared plain warm-up of W updates (default 400; 0: every run from scratch)
   --preset P             train_translation.sh preset (default small-cpu; tiny-cpu for smoke runs)
@@ -42,6 +45,8 @@ Options:
   --results-dir DIR      where RESULTS.md and the plots go (default examples/multi30k)
   --train-args "ARGS"    extra arguments for train_translation.sh / fairseq-train, every method
   --deep-args "ARGS"     extra arguments of the deep runs only (default "")
+  --filter-keep F        fraction of the train pairs the filter-* methods keep (default 1 - --noise-rate, the
+                         known clean fraction; 0.8 is what a user would pick blind)
   --gpu                  train and generate on the GPU (drops the preset's --cpu)
   --jobs N               runs at a time (default 2: two single-thread runs use both cores of a 2-core
                          machine; with N > 1 the seeds of one method/condition run side by side, so
@@ -58,7 +63,7 @@ log() { echo "[benchmark $(date +%H:%M:%S)] $*" >&2; }
 
 SEEDS="1 2" METHODS="none l2rw mwnet deep perfect" MAX_UPDATE="" WARMUP=400 PRESET=small-cpu NOISE=misaligned RATE=0.3
 VOCAB=8000 META=1000 DATA_SEED=1 CONDITIONS="clean noisy" RUNS="$ROOT/runs/multi30k"
-RESULTS="" TRAIN_ARGS="" DEEP_ARGS="" GPU="" JOBS=2 THREADS=1 REPORT_ONLY="" DRY="" ONE=""
+RESULTS="" TRAIN_ARGS="" DEEP_ARGS="" FILTER_KEEP="" GPU="" JOBS=2 THREADS=1 REPORT_ONLY="" DRY="" ONE=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
@@ -77,6 +82,7 @@ while [[ $# -gt 0 ]]; do
         --results-dir) RESULTS="${2:?}"; shift 2 ;;
         --train-args) TRAIN_ARGS="${2?}"; shift 2 ;;
         --deep-args) DEEP_ARGS="${2?}"; shift 2 ;;
+        --filter-keep) FILTER_KEEP="${2:?}"; shift 2 ;;
         --gpu) GPU=1; shift ;;
         --jobs) JOBS="${2:?}"; shift 2 ;;
         --threads) THREADS="${2:?}"; shift 2 ;;
@@ -86,11 +92,17 @@ while [[ $# -gt 0 ]]; do
         *) usage >&2; die "unknown option: $1" ;;
     esac
 done
-for m in $METHODS; do case "$m" in none|l2rw|mwnet|deep|perfect) ;; *) die "unknown method '$m'" ;; esac; done
+for m in $METHODS; do
+    case "$m" in
+        none|l2rw|mwnet|deep|perfect|filter-teacher|filter-source-contrast|filter-loss|filter-dual-xent) ;;
+        *) die "unknown method '$m' (none l2rw mwnet deep perfect filter-{teacher,source-contrast,loss,dual-xent})" ;;
+    esac
+done
 if [[ -z "$MAX_UPDATE" ]]; then
     case "$PRESET" in small-cpu) MAX_UPDATE=1060 ;; tiny-cpu) MAX_UPDATE=1200 ;; *) MAX_UPDATE=50000 ;; esac
 fi
 [[ -n "$RESULTS" ]] || RESULTS="$ROOT/examples/multi30k/$PRESET"
+[[ -n "$FILTER_KEEP" ]] || FILTER_KEEP=$(python -c "print(round(1 - float('$RATE'), 6))")  # the clean fraction
 [[ "$WARMUP" =~ ^[0-9]+$ ]] || die "--warmup must be a number"
 for c in $CONDITIONS; do case "$c" in clean|noisy) ;; *) die "unknown condition '$c' (clean|noisy)" ;; esac; done
 [[ -n "$SEEDS" ]] || die "--seeds is empty"
@@ -108,9 +120,56 @@ DATA_PERFECT="${DATA_NOISY}_clean_pairs"
 data_of() {  # COND METHOD
     if [[ "$1" == clean ]]; then echo "$DATA_CLEAN"
     elif [[ "${2:-}" == perfect ]]; then echo "$DATA_PERFECT"
+    elif [[ "${2:-}" == filter-* ]]; then filter_data "$1" "$2" "${3:?}"
+
     else echo "$DATA_NOISY"; fi
 }
 run_dir() { echo "$RUNS/$1/$2/seed$3"; }
+filter_data() { echo "$RUNS/$1/$2/seed$3/data-bin"; }  # COND METHOD SEED: the filtered data-bin of a filter run
+# filter-SCORE: score the noisy train split with the checkpoint of this seed's none run (the teacher: its deep
+# run; dual-xent: none + a backward model trained here), keep the best --filter-keep, re-binarize with the same
+# dictionaries, retrain none from scratch on it (same preset and budget)
+prepare_filter() {  # COND METHOD SEED
+    local cond="$1" method="$2" seed="$3" score="${2#filter-}" data dir src ck extra=() bdir
+    data=$(data_of "$cond" none); dir=$(run_dir "$cond" "$method" "$seed")
+    [[ -f "$(filter_data "$cond" "$method" "$seed")/subset.json" ]] && return 0
+    src=none; [[ "$score" == teacher ]] && src=deep
+    ck="$(run_dir "$cond" "$src" "$seed")/checkpoint_last.pt"
+    if ! finished "$cond" "$src" "$seed"; then
+        log "$cond/$method/seed$seed: needs the finished $src run of seed $seed first"
+        one_run "$cond" "$src" "$seed"
+    fi
+    if [[ "$score" == dual-xent ]]; then
+        bdir="$RUNS/$cond/backward/seed$seed"
+        if ! grep -q "done training" "$bdir/train.log" 2>/dev/null; then
+            log "$cond/backward/seed$seed: training the target->source model for dual-xent -> $bdir"
+            mkdir -p "$bdir"
+            # shellcheck disable=SC2086
+            "$ROOT/scripts/train_translation.sh" none "$data" "$bdir" --preset "$PRESET" --seed "$seed" \
+                --max-update "$MAX_UPDATE" --threads "$THREADS" ${GPU:+--gpu} --source-lang en --target-lang de \
+                $TRAIN_ARGS > "$bdir/train.stdout" 2>&1 || die "training $cond/backward/seed$seed failed"
+        fi
+        extra=(--backward-path "$bdir/checkpoint_last.pt")
+    fi
+    mkdir -p "$dir"
+    log "$cond/$method/seed$seed: scoring the train split ($score) and keeping the best $FILTER_KEEP"
+    local t0; t0=$(date +%s)
+    python -m fairseq_reweight.score "$data" --path "$ck" --score "$score" "${extra[@]}" --out "$dir/scores.tsv" \
+        --keep "$FILTER_KEEP" --keep-list "$dir/keep.txt" --no-progress ${GPU:+} $( [[ -z "$GPU" ]] && echo --cpu ) \
+        > "$dir/score.stdout" 2>&1 || { tail -20 "$dir/score.stdout" >&2; die "scoring for $cond/$method/seed$seed failed"; }
+    echo "{\"score_seconds\": $(( $(date +%s) - t0 ))}" > "$dir/score_time.json"
+    python - "$dir/scores.tsv" "$data/train.flags" "$dir/filter_analysis.json" <<'PY'
+import json, sys
+import numpy as np
+sys.path.insert(0, "")
+from fairseq_reweight.core import auc
+s = np.loadtxt(sys.argv[1], skiprows=1, usecols=1)
+f = np.loadtxt(sys.argv[2]).astype(int)
+json.dump({"auc": auc(s, 1 - f)}, open(sys.argv[3], "w"))
+PY
+    python "$ROOT/scripts/mt_helpers.py" subset --data "$data" --keep "$dir/keep.txt" \
+        --out "$(filter_data "$cond" "$method" "$seed")" > /dev/null
+}
 warmup_dir() { echo "$RUNS/$1/warmup$WARMUP/seed$2"; }
 # the shared plain prefix of one condition and seed (trained once; flock: two workers may need it at once)
 ensure_warmup() {  # COND SEED
@@ -137,9 +196,13 @@ finished() {  # COND METHOD SEED
 # ------------------------------------------------------------------ one run (also the --jobs worker)
 one_run() {
     local cond="$1" method="$2" seed="$3" data dir start_args=() method_args=() train_method="$2"
-    data=$(data_of "$cond" "$method"); dir=$(run_dir "$cond" "$method" "$seed")
+    data=$(data_of "$cond" "$method" "$seed"); dir=$(run_dir "$cond" "$method" "$seed")
     if [[ "$method" == perfect ]]; then
         train_method=none
+    elif [[ "$method" == filter-* ]]; then
+        train_method=none
+        prepare_filter "$cond" "$method" "$seed"
+        data=$(data_of "$cond" "$method" "$seed")
     elif [[ "$WARMUP" -gt 0 ]]; then
         ensure_warmup "$cond" "$seed"
         start_args=(--continue-once "$(warmup_dir "$cond" "$seed")/checkpoint_last.pt")
@@ -165,7 +228,8 @@ one_run() {
             || { tail -30 "$dir/eval.stdout" >&2; die "evaluation of $cond/$method/seed$seed failed (log: $dir/eval.stdout)"; }
         grep -E "^(BLEU|chrF) =" "$dir/eval.stdout" | sed "s|^|  $cond/$method/seed$seed: |" >&2 || true
     fi
-    if [[ "$cond" == noisy && "$method" != perfect && ! -f "$dir/weights_analysis.json" && -f "$dir/weights.tsv" ]]; then
+    if [[ "$cond" == noisy && "$method" != perfect && "$method" != filter-* && ! -f "$dir/weights_analysis.json" \
+          && -f "$dir/weights.tsv" ]]; then
         python "$ROOT/scripts/analyze_weights.py" --weights "$dir/weights.tsv" --flags "$data/train.flags" \
             --out-dir "$dir" --label "$method, seed $seed" > "$dir/analyze.stdout" 2>&1 \
             || { tail -20 "$dir/analyze.stdout" >&2; die "weight analysis of $cond/$method/seed$seed failed"; }
@@ -183,11 +247,11 @@ fi
 RUN_LIST=()
 if [[ "$JOBS" -le 1 ]]; then  # seed by seed: a stopped benchmark leaves complete tables for the first seeds
     for seed in $SEEDS; do for cond in $CONDITIONS; do for method in $METHODS; do
-        [[ "$method" == perfect && "$cond" != noisy ]] || RUN_LIST+=("$cond $method $seed")
+        [[ ( "$method" == perfect || "$method" == filter-* ) && "$cond" != noisy ]] || RUN_LIST+=("$cond $method $seed")
     done; done; done
 else  # the seeds of one method side by side: equal load on the runs timed together
     for cond in $CONDITIONS; do for method in $METHODS; do for seed in $SEEDS; do
-        [[ "$method" == perfect && "$cond" != noisy ]] || RUN_LIST+=("$cond $method $seed")
+        [[ ( "$method" == perfect || "$method" == filter-* ) && "$cond" != noisy ]] || RUN_LIST+=("$cond $method $seed")
     done; done; done
 fi
 todo=0
@@ -246,7 +310,7 @@ if [[ "$JOBS" -le 1 ]]; then
     done
 else
     log "running $JOBS at a time"
-    PASS=(--seeds "$SEEDS" --methods "$METHODS" --max-update "$MAX_UPDATE" --warmup "$WARMUP" --deep-args "$DEEP_ARGS" --preset "$PRESET"
+    PASS=(--seeds "$SEEDS" --methods "$METHODS" --max-update "$MAX_UPDATE" --warmup "$WARMUP" --deep-args "$DEEP_ARGS" --filter-keep "$FILTER_KEEP" --preset "$PRESET"
  --noise "$NOISE"
           --noise-rate "$RATE" --vocab "$VOCAB" --meta-size "$META" --data-seed "$DATA_SEED"
           --conditions "$CONDITIONS" --runs-dir "$RUNS" --results-dir "$RESULTS" --train-args "$TRAIN_ARGS"
