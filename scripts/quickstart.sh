@@ -58,7 +58,7 @@ while [[ ${#pids[@]} -gt 0 ]]; do  # progress: the last update each run logged
     for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
     line=""
     for m in none deep; do
-        u=$(grep -o "num_updates=[0-9]*" "$OUT/$m/train.log" 2>/dev/null | tail -1 | cut -d= -f2)
+        u=$(grep -o "num_updates=[0-9]*" "$OUT/$m/train.log" 2>/dev/null | tail -1 | cut -d= -f2 || true)
         line+="$m ${u:-0}/$UPDATES   "
     done
     echo -ne "\r   $line"
