@@ -306,10 +306,11 @@ import os
 import torch
 import fairseq_reweight  # registers the task and criterion
 from fairseq.criterions import register_criterion
+from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterionConfig
 from fairseq_reweight.criterion import ReweightedLabelSmoothedCrossEntropyCriterion
 
 
-@register_criterion("poisoned_reweighted_label_smoothed_cross_entropy")
+@register_criterion("poisoned_reweighted_label_smoothed_cross_entropy", dataclass=LabelSmoothedCrossEntropyCriterionConfig)
 class Poisoned(ReweightedLabelSmoothedCrossEntropyCriterion):
     """One NaN sentence loss on worker 1 at every third training forward."""
     calls = 0
