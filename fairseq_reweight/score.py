@@ -153,7 +153,7 @@ def score_split(args) -> Dict[str, np.ndarray]:
         cols[name][ids] = values.detach().double().cpu().numpy()
 
     device = next(model.parameters()).device
-    layers = task._resolve_layers(model) if (rw is not None and rw.method == "deep") else None
+    layers = task._resolve_layers(model) if (rw is not None and "states" in task.inputs) else None
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
@@ -171,7 +171,7 @@ def score_split(args) -> Dict[str, np.ndarray]:
             length = out.mask.sum(1).clamp_min(1).to(out.nll.dtype)
             h_f = out.nll / length
             put("nll_per_token", ids, h_f)
-            if args.score == "source-contrast" or (args.score == "teacher" and task.cfg.teacher_source_contrast):
+            if args.score == "source-contrast" or (args.score == "teacher" and "source_contrast" in task.inputs):
                 contrast = crit.source_contrast(model, sample, out)
                 put("source_contrast", ids, contrast)
             else:

@@ -48,7 +48,7 @@ NMT_CONFIGS = [
     ("deep fast, refresh 8", "--reweight-method deep --meta-refresh 8 --meta-ema 0.9"),
     ("deep fast, interval 4, refresh 4", "--reweight-method deep --meta-interval 4 --meta-refresh 4 --meta-ema 0.9"),
     ("deep fast, refresh 4, source contrast",
-     "--reweight-method deep --meta-refresh 4 --meta-ema 0.9 --teacher-source-contrast"),
+     "--reweight-method deep --meta-refresh 4 --meta-ema 0.9 --teacher-inputs states,token_stats,source_contrast,progress"),
     ("deep fd", "--reweight-method deep --meta-grad fd"),
     ("deep exact", "--reweight-method deep --meta-grad exact"),
 ]

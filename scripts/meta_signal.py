@@ -70,21 +70,23 @@ def load(checkpoint, data, with_cfg=False):
     return (models[0].eval(), task, cfg) if with_cfg else (models[0].eval(), task)
 
 
-def teacher_inputs(task, cfg, model, dataset, ids, states="last", batch_sentences=50, length_ratio=False,
-                   source_contrast=False):
-    """The ``deep`` teacher's input features of ``ids``, computed by the task and criterion of the run
-    (any ``reweighted_translation`` checkpoint; the method is switched to ``deep`` for this), with the
-    optional inputs of ``--teacher-length-ratio`` / ``--teacher-source-contrast``."""
+def teacher_inputs(task, cfg, model, dataset, ids, states="last", batch_sentences=50, names="auto"):
+    """The ``deep`` teacher's input features of ``ids`` (``names``: as ``--teacher-inputs``, from the registry of
+    fairseq_reweight/features.py), computed by the task and criterion of the run (any ``reweighted_translation``
+    checkpoint)."""
     from omegaconf import open_dict
+
+    from fairseq_reweight.core import features
+    from fairseq_reweight.core.recipe import TUNED_DEEP
+    from fairseq_reweight.features import FEATURES
 
     if not hasattr(task, "teacher_features"):
         sys.exit("meta_signal.py --teacher-ceiling: the checkpoint was not trained with --task "
                  "reweighted_translation; the teacher's inputs come from that task")
     with open_dict(task.cfg):
-        task.cfg.reweight_method = "deep"
         task.cfg.teacher_states = states
-        task.cfg.teacher_length_ratio = length_ratio
-        task.cfg.teacher_source_contrast = source_contrast
+    task.inputs = features.parse(TUNED_DEEP["teacher_inputs"] if names == "auto" else names, FEATURES)
+    task._layers = None
     criterion = task.build_criterion(cfg.criterion)
     if not hasattr(criterion, "per_sentence"):
         sys.exit("meta_signal.py --teacher-ceiling: the checkpoint's criterion is not "
@@ -96,7 +98,7 @@ def teacher_inputs(task, cfg, model, dataset, ids, states="last", batch_sentence
             order = sample["id"].tolist()  # the collater sorts by length
             layers = task._resolve_layers(model)
             out = criterion.per_sentence(model, sample, layers)
-            contrast = criterion.source_contrast(model, sample, out) if source_contrast else None
+            contrast = criterion.source_contrast(model, sample, out) if "source_contrast" in task.inputs else None
             feats = task.teacher_features(out, 0, sample, contrast)
             by_id = dict(zip(order, feats.double().numpy()))
             rows += [by_id[int(i)] for i in ids[start:start + batch_sentences]]
@@ -197,9 +199,8 @@ def main(argv=None):
     p.add_argument("--teacher-ceiling", action="store_true",
                    help="also fit the deep teacher's inputs to each score (ridge, held-out half)")
     p.add_argument("--teacher-states", default="last", help="decoder layers of the teacher's inputs")
-    p.add_argument("--teacher-length-ratio", action="store_true", help="--teacher-ceiling with that optional input")
-    p.add_argument("--teacher-source-contrast", action="store_true",
-                   help="--teacher-ceiling with that optional input")
+    p.add_argument("--teacher-inputs", default="auto",
+                   help="the teacher's inputs for --teacher-ceiling, as the training flag (auto: the tuned recipe's)")
     args = p.parse_args(argv)
     flags_path = args.flags or args.data / "train.flags"
     for path, what in [(args.checkpoint, "--checkpoint"), (flags_path, "flags file")]:
@@ -247,10 +248,8 @@ def main(argv=None):
         r = res["groups"][g]
         lines.append(f"| {g} | {r['auc']:.3f} | {r['auc_cosine']:.3f} | {r['share']:.2f} |")
     if args.teacher_ceiling:
-        feats = teacher_inputs(task, cfg, model, train, ids, args.teacher_states, length_ratio=args.teacher_length_ratio,
-                               source_contrast=args.teacher_source_contrast)
-        optional = [f for f, on in (("--teacher-length-ratio", args.teacher_length_ratio),
-                                    ("--teacher-source-contrast", args.teacher_source_contrast)) if on]
+        feats = teacher_inputs(task, cfg, model, train, ids, args.teacher_states, names=args.teacher_inputs)
+        optional = [f"--teacher-inputs {','.join(task.inputs)}"]
         c = np.array(clean)
         res["teacher_ceiling"] = {"inputs": int(feats.shape[1]), "oracle (fit to the flags)": ridge_auc(feats, c, c),
                                   **{g: ridge_auc(feats, scores[g], c) for g in GROUPS}}

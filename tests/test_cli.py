@@ -54,7 +54,7 @@ def test_train_resume_generate(tiny_data, tmp_path, method, arch):
     if method == "deep" and arch == "transformer":
         extra += ["--teacher-states", "all", "--meta-grad", "exact"]
     elif method == "deep":  # the optional inputs, through another architecture's reorder_encoder_out
-        extra += ["--teacher-source-contrast", "--teacher-length-ratio"]
+        extra += ["--teacher-inputs", "states,token_stats,length_ratio,source_contrast,progress"]
     elif method == "l2rw":  # l2rw's raw weights are heavy-tailed: the cap binds
         extra += ["--max-weight", "1.5"]
     elif method == "mwnet" and arch == "transformer":  # the meta direction along Adam's step, across a resume
@@ -123,8 +123,9 @@ def test_finetune_plain_translation_checkpoint(tiny_data, tmp_path):
     (["--meta-subset", "nosuch"], "needs a clean meta split 'nosuch'"),
     (["--reweight-method", "l2rw", "--teacher-lr", "0.1"], "--teacher-lr has no effect"),
     (["--teacher-states", "5"], "exposes decoder layers 1..2"),
-    (["--reweight-method", "mwnet", "--teacher-length-ratio"], "--teacher-length-ratio is an input of the deep"),
-    (["--reweight-method", "l2rw", "--teacher-source-contrast"], "--teacher-source-contrast is an input of the deep"),
+    (["--reweight-method", "mwnet", "--teacher-inputs", "loss,length_ratio"], "mwnet keeps its published form"),
+    (["--teacher-inputs", "states,nosuch"], "unknown input(s) nosuch; choose from states"),
+    (["--teacher-source-contrast"], "--teacher-source-contrast was replaced by --teacher-inputs: name source_contrast"),
     (["--meta-params", "attention"], "--meta-params 'attention': use auto, or a comma-separated list"),
     (["--meta-grad", "fd", "--meta-ema", "0.9"], "--meta-refresh/--meta-ema reuse and average the meta direction"),
     (["--reweight-method", "none", "--max-weight", "2"], "--max-weight caps the weights of a reweighting method"),
@@ -148,7 +149,7 @@ def test_deep_defaults_run_the_tuned_recipe(tiny_data, tmp_path):
     explicit --meta-precondition adam stays an error there."""
     p = run(train_cmd(tiny_data, tmp_path / "tuned", "deep", max_update=6, extra=["--reweight-recipe", "tuned"]))
     assert ("--reweight-recipe tuned: meta_refresh=4, meta_ema=0.9, max_weight=2.0, meta_precondition=adam, "
-            "teacher_source_contrast=True, reweight_warmup=2") in p.stdout
+            "teacher_inputs=states,token_stats,source_contrast,progress, reweight_warmup=2") in p.stdout
     rw = load(tmp_path / "tuned" / "checkpoint_last.pt")["task_state"]["reweighter"]
     assert rw["meta_steps"] == 4 and rw["in_dim"] == 32 + 6  # decoder states + 4 stats + contrast + progress
     sgd = ["--reweight-recipe", "tuned", "--optimizer", "sgd"]

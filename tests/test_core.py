@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fairseq_reweight.core.reweighter import check_flags
+from fairseq_reweight.core.config import ReweightConfig
 from fairseq_reweight.core import (
     MetaGrad, Reweighter, Teacher, WeightDumper, auc, l2rw_weights, normalize, weight_gradient, weight_stats,
 )
@@ -151,7 +151,7 @@ def test_normalize_with_max_weight_few_positive_and_flags():
         with pytest.raises(ValueError, match="--max-weight must be > 1"):
             Reweighter("deep", max_weight=bad)
     with pytest.raises(ValueError, match="--max-weight caps"):
-        check_flags("none", None, 1, "last", "fast", 1e-3, max_weight=2.0)
+        ReweightConfig(reweight_method="none", max_weight=2.0).validate()
     feats = torch.tensor([[0.0], [0.0], [0.0], [10.0], [-10.0]])
     got = {}
     for cap in (None, 1.5):  # the same teacher, which strongly prefers two examples, with and without the cap
@@ -384,7 +384,7 @@ def test_teacher_weight_decay_bounds_drift_under_pure_noise():
         with pytest.raises(ValueError, match=msg):
             Reweighter("deep", teacher_weight_decay=bad)
     with pytest.raises(ValueError, match="--teacher-weight-decay has no effect"):
-        check_flags("l2rw", None, 1, "last", "fast", 1e-3, teacher_weight_decay=1.0)
+        ReweightConfig(reweight_method="l2rw", teacher_weight_decay=1.0).validate()
 
 
 def test_adam_precondition_with_torch_adam():
@@ -413,7 +413,7 @@ def test_adam_precondition_with_torch_adam():
     with pytest.raises(ValueError, match="Adam-type student optimizer, not SGD"):
         adam_precondition(direction, params, torch.optim.SGD(lin.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="--meta-precondition adam preconditions"):
-        check_flags("none", None, 1, "last", "fast", 1e-4, meta_precondition="adam")
+        ReweightConfig(reweight_method="none", meta_fd_eps=1e-4, meta_precondition="adam").validate()
 
 
 def test_weight_dumper_resume_drops_rows_after_the_checkpoint(tmp_path):
@@ -464,10 +464,10 @@ def test_meta_lr_is_refused_where_it_cancels():
     rescaled to unit RMS and l2rw normalises it over the batch, so it would do nothing: refused there."""
     for method in ("l2rw", "mwnet", "deep"):
         with pytest.raises(ValueError, match="--meta-lr sets the look-ahead step of --meta-grad fd/exact"):
-            check_flags(method, None if method == "l2rw" else 1e-3, 1, "last", "fast", 1e-3, meta_lr=0.1)
-        check_flags(method, None if method == "l2rw" else 1e-3, 1, "last", "fd", 1e-3, meta_lr=0.1)
+            ReweightConfig(reweight_method=method, teacher_lr=None if method == "l2rw" else 1e-3, meta_lr=0.1).validate()
+        ReweightConfig(reweight_method=method, teacher_lr=None if method == "l2rw" else 1e-3, meta_grad="fd", meta_lr=0.1).validate()
     with pytest.raises(ValueError, match="no effect with --reweight-method none"):
-        check_flags("none", None, 1, "last", "fd", 1e-3, meta_lr=0.1)
+        ReweightConfig(reweight_method="none", meta_grad="fd", meta_lr=0.1).validate()
 
 
 def test_core_noise_and_image_start_without_fairseq():
@@ -489,12 +489,12 @@ def test_recipe_resolves_unset_flags_and_keeps_explicit_ones():
 
     tuned = recipe.resolve("tuned", "deep", "fast", 1200)
     assert tuned == {"meta_refresh": 4, "meta_ema": 0.9, "max_weight": 2.0, "meta_precondition": "adam",
-                     "teacher_source_contrast": True, "reweight_warmup": 400}
+                     "teacher_inputs": "states,token_stats,source_contrast,progress", "reweight_warmup": 400}
     paper = recipe.resolve("paper", "deep", "fast", 1200)
     assert paper == {"meta_refresh": 1, "meta_ema": 0.0, "max_weight": None, "meta_precondition": "none",
-                     "teacher_source_contrast": False, "reweight_warmup": 0}
+                     "teacher_inputs": "states,token_stats,progress", "reweight_warmup": 0}
     for method in ("none", "l2rw", "mwnet"):  # the published forms under both recipes
-        assert recipe.resolve("tuned", method, "fast", 1200) == paper
+        assert recipe.resolve("tuned", method, "fast", 1200) == {**paper, "teacher_inputs": "loss" if method == "mwnet" else ""}
     # explicit flags win; --max-weight 0 is no cap; fast-only flags stay plain with fd/exact
     mine = recipe.resolve("tuned", "deep", "fast", 1200, meta_refresh=1, max_weight=0, reweight_warmup=0,
                           meta_precondition="none")
@@ -502,7 +502,7 @@ def test_recipe_resolves_unset_flags_and_keeps_explicit_ones():
     assert mine["meta_ema"] == 0.9 and mine["meta_precondition"] == "none"
     fd = recipe.resolve("tuned", "deep", "fd", 1200)
     assert (fd["meta_refresh"], fd["meta_ema"], fd["meta_precondition"]) == (1, 0.0, "none")
-    assert fd["max_weight"] == 2.0 and fd["teacher_source_contrast"] and fd["reweight_warmup"] == 400
+    assert fd["max_weight"] == 2.0 and "source_contrast" in fd["teacher_inputs"] and fd["reweight_warmup"] == 400
     assert recipe.resolve("tuned", "deep", "fast", 0)["reweight_warmup"] == 0  # no --max-update: no warm-up
     with pytest.raises(ValueError, match="--reweight-recipe must be one of tuned, paper"):
         recipe.resolve("best", "deep", "fast", 10)

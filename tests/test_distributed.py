@@ -171,15 +171,15 @@ def test_nan_meta_loss_skips_the_teacher_update_only(tiny_data):
     trainer, task, model, criterion, itr = _trainer(tiny_data)
     trainer.train_step([next(itr)])
     student, teacher = _snapshot(model), _snapshot(task.reweighter.teacher)
-    real = task._meta_direction
+    real = task.strategy.fresh_direction
 
     def nan_direction(*a, **k):
         direction, loss = real(*a, **k)
         return {n: torch.full_like(v, float("nan")) for n, v in direction.items()}, loss * float("nan")
 
-    task._meta_direction = nan_direction
+    task.strategy.fresh_direction = nan_direction
     trainer.train_step([next(itr)])
-    task._meta_direction = real
+    task.strategy.fresh_direction = real
     assert task.reweighter.meta_skipped == 1 and task.reweighter.meta_steps == 1
     for k, v in task.reweighter.teacher.named_parameters():  # its input moments (finite features) may move
         assert torch.equal(v, teacher[k]), k
@@ -262,7 +262,7 @@ DDP_CASES = {
     "deep-interval2": ("deep", ["--meta-interval", "2"]),
     "deep-refresh-ema": ("deep", ["--meta-refresh", "4", "--meta-ema", "0.9"]),
     "deep-update-freq2": ("deep", ["--update-freq", "2"]),
-    "deep-recipe": ("deep", ["--teacher-source-contrast", "--max-weight", "2", "--meta-precondition", "adam"]),
+    "deep-recipe": ("deep", ["--teacher-inputs", "states,token_stats,source_contrast,progress", "--max-weight", "2", "--meta-precondition", "adam"]),
     "deep-tuned-defaults": ("deep", ["--reweight-recipe", "tuned"]),  # warm-up, contrast, refresh/EMA, cap, adam
 }
 
@@ -344,7 +344,7 @@ def test_shared_warmup_equals_reweight_warmup_from_scratch(tiny_data, tmp_path):
     """The benchmark's shared warm-up: plain training for N updates, then a deep run continuing from that
     checkpoint (--continue-once) ends with the same student and teacher as one deep run with
     --reweight-warmup N from scratch (same per-update seeds, data order, optimizer and lr schedule)."""
-    recipe = ["--teacher-source-contrast", "--meta-refresh", "2", "--meta-ema", "0.9", "--max-weight", "2",
+    recipe = ["--teacher-inputs", "states,token_stats,source_contrast,progress", "--meta-refresh", "2", "--meta-ema", "0.9", "--max-weight", "2",
               "--meta-precondition", "adam", "--teacher-progress-horizon", "7"]
     run(train_cmd(tiny_data, tmp_path / "scratch", "deep", max_update=7,
                   extra=recipe + ["--reweight-warmup", "3", "--dump-weights", tmp_path / "a.tsv"]))

@@ -7,7 +7,8 @@ from fairseq import options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from conftest import ARCHS, USER_DIR
-from fairseq_reweight.core import capture_rng, weight_gradient
+from fairseq_reweight.core import capture_rng, first_order, weight_gradient
+from fairseq_reweight.core.strategies.lookahead import replayed
 from fairseq_reweight.criterion import num_decoder_layers
 from fairseq_reweight.task import _Student
 
@@ -26,6 +27,22 @@ def build(data, method="deep", arch="transformer", extra=()):
     model = task.build_model(cfg.model)
     criterion = task.build_criterion(cfg.criterion)
     return cfg, task, model, criterion
+
+
+def probe_of(task, model):
+    task._model = model  # the student the strategy's probes watch (train_step sets it)
+    return task.strategy.probe
+
+
+def fresh_direction(task, model, criterion):
+    """The strategy's fresh meta direction of the task's next meta batch (what a meta update computes)."""
+    probe_of(task, model)
+    return task.strategy.fresh_direction(list(model.parameters()),
+                                         lambda: task._meta_loss(model, criterion, torch.device("cpu")))
+
+
+def first_order_of(task, probe, lr, denom, b, weights=None):
+    return first_order(probe, *task.strategy.direction, lr, denom, b, weights)
 
 
 def first_batch(task, split, model):
@@ -56,7 +73,8 @@ def test_task_meta_grad_fn_fd_matches_exact(tiny_data):
         rng = capture_rng(torch.device("cpu"))
         out = criterion.per_sentence(model, sample)
         task._meta_dataset()
-        fn = task._meta_grad_fn(model, criterion, sample, out, None, rng, torch.device("cpu"))
+        fn = replayed(task._lookahead(model, criterion, sample, torch.device("cpu")), out.loss, task.cfg.meta_lr,
+                      float(sample["ntokens"]), mode, task.cfg.meta_fd_eps, rng)
         w = torch.linspace(0.5, 1.5, out.loss.numel())
         results[mode] = fn(w).grad_w
     exact, fast = results["exact"], results["fd"]
@@ -162,7 +180,7 @@ def _fast_setup(data, meta_params, arch="transformer", extra=()):
     model.train()
     sample = first_batch(task, "train", model)
     task._meta_dataset()
-    task._direction = task._meta_direction(model, criterion, torch.device("cpu"))
+    task.strategy.direction = fresh_direction(task, model, criterion)
     return task, model, criterion, sample
 
 
@@ -184,14 +202,14 @@ def test_fast_probe_inner_products_are_exact(tiny_data, tied_data, monkeypatch, 
     if tied:
         assert model.encoder.embed_tokens is model.decoder.embed_tokens
         assert model.decoder.output_projection.weight is model.decoder.embed_tokens.weight
-    probe = task._get_probe(model)
+    probe = probe_of(task, model)
     named = probe.parameters()
     params = list(named.values())
     assert len(params) >= (1 if (tied and "encoder" not in meta_params) else 2)  # tied: embed = output
     if arch == "transformer" and meta_params == "auto":  # the default: every encoder layer's FFN
         assert {n.rsplit(".", 1)[0] for n in named} == {f"encoder.layers.{i}.{fc}" for i in range(2)
                                                           for fc in ("fc1", "fc2")}, list(named)
-    direction, _ = task._direction
+    direction, _ = task.strategy.direction
 
     # reference per-sentence inner products
     out = criterion.per_sentence(model, sample)
@@ -205,14 +223,14 @@ def test_fast_probe_inner_products_are_exact(tiny_data, tied_data, monkeypatch, 
     with probe.watch():
         out = criterion.per_sentence(model, sample)
     probe.output_grads(out.loss.sum())
-    got = task._first_order(probe, lr, denom, b).grad_w
+    got = first_order_of(task, probe, lr, denom, b).grad_w
     assert torch.allclose(got, -lr / denom * ref, rtol=1e-9, atol=1e-12)
 
     w = torch.linspace(0.2, 1.8, b, dtype=torch.float64)
     with probe.watch(capture_grads=True):
         out = criterion.per_sentence(model, sample)
     (w * out.loss).sum().backward()
-    got = task._first_order(probe, lr, denom, b, weights=w).grad_w
+    got = first_order_of(task, probe, lr, denom, b, weights=w).grad_w
     assert torch.allclose(got, -lr / denom * ref, rtol=1e-9, atol=1e-12)
 
 
@@ -223,12 +241,12 @@ def test_fast_meta_direction_is_the_meta_loss_gradient(tiny_data, monkeypatch):
     model = model.double()
     task._meta_dataset()
     state = task.state_dict()
-    direction, meta_loss = task._meta_direction(model, criterion, torch.device("cpu"))
+    direction, meta_loss = fresh_direction(task, model, criterion)
     task.load_state_dict(state)  # replay the same meta batch
     meta_sample = task._next_meta_batch(model, torch.device("cpu"))
     out = criterion.per_sentence(model, meta_sample)
     lm = out.nll.sum() / out.mask.sum()
-    probe = task._get_probe(model)
+    probe = probe_of(task, model)
     grads = torch.autograd.grad(lm, list(probe.parameters().values()))
     mine = [direction[n] for n in probe.parameters()]
     assert torch.allclose(lm, meta_loss)
@@ -243,7 +261,7 @@ def test_fast_matches_exact_on_the_probed_layers(tiny_data, monkeypatch):
     measured here and reported in the README (printed with -s)."""
     _float64_softmax(monkeypatch)
     task, model, criterion, sample = _fast_setup(tiny_data, "ffn")
-    probe = task._get_probe(model)
+    probe = probe_of(task, model)
     student = _Student(model, criterion)
     b = int(sample["target"].size(0))
     lr, denom = 1e-3, float(sample["ntokens"])
@@ -251,10 +269,10 @@ def test_fast_matches_exact_on_the_probed_layers(tiny_data, monkeypatch):
     with probe.watch(capture_grads=True):
         out = criterion.per_sentence(model, sample)
     (w * out.loss).sum().backward()
-    fast = task._first_order(probe, lr, denom, b, weights=w).grad_w
+    fast = first_order_of(task, probe, lr, denom, b, weights=w).grad_w
     model.zero_grad()
 
-    # the meta batch _meta_direction used: the first of an identically seeded meta iterator
+    # the meta batch the fresh direction used: the first of an identically seeded meta iterator
     _, task2, _, _ = build(tiny_data)
     task2._meta_dataset()
     meta_sample = task2._next_meta_batch(model, torch.device("cpu"))
@@ -283,16 +301,17 @@ def test_fast_matches_exact_on_the_probed_layers(tiny_data, monkeypatch):
 
 
 def test_teacher_length_ratio_feature(tiny_data):
-    """--teacher-length-ratio adds log(target length / source length) before training progress."""
+    """--teacher-inputs ...,length_ratio adds log(target length / source length) before training progress."""
     feats = {}
-    for extra in ((), ("--teacher-length-ratio",)):
+    ratio = ("--teacher-inputs", "states,token_stats,length_ratio,progress")
+    for extra in ((), ratio):
         torch.manual_seed(0)
         cfg, task, model, criterion = build(tiny_data, extra=extra)
         model.eval()
         sample = first_batch(task, "train", model)
         out = criterion.per_sentence(model, sample, task._resolve_layers(model))
         feats[extra] = task.teacher_features(out, 3, sample)
-    plain, with_ratio = feats[()], feats[("--teacher-length-ratio",)]
+    plain, with_ratio = feats[()], feats[ratio]
     assert with_ratio.shape[1] == plain.shape[1] + 1
     tgt = sample["target"].ne(task.target_dictionary.pad()).sum(1).float()
     src = sample["net_input"]["src_lengths"].float()
@@ -301,11 +320,11 @@ def test_teacher_length_ratio_feature(tiny_data):
 
 
 def test_teacher_source_contrast_feature(tiny_data):
-    """--teacher-source-contrast: the per-token NLL increase of each target when the decoder reads the
+    """--teacher-inputs ...,source_contrast: the per-token NLL increase of each target when the decoder reads the
     next sentence's source, against a reference computed by hand (re-encoding the rotated sources, the
     model in eval mode); the training pass's dropout state and the RNG stream are left alone."""
     torch.manual_seed(0)
-    cfg, task, model, criterion = build(tiny_data, extra=("--teacher-source-contrast", "--dropout", "0.3"))
+    cfg, task, model, criterion = build(tiny_data, extra=("--teacher-inputs", "states,token_stats,source_contrast,progress", "--dropout", "0.3"))
     sample = first_batch(task, "train", model)
     pad = task.target_dictionary.pad()
 
@@ -357,15 +376,15 @@ def test_fast_adam_preconditioned_matches_the_exact_adam_lookahead(tiny_data, mo
     sample = first_batch(task, "train", model)
     task._meta_dataset()
     cpu = torch.device("cpu")
-    probed = task._get_probe(model).parameters()
+    probed = probe_of(task, model).parameters()
     v = {n: torch.zeros_like(p) for n, p in probed.items()}
     for update in range(3):
         optimizer.zero_grad()
         state = task.state_dict()
         task.train_step(sample, model, criterion, optimizer, update)
-        direction = task._direction[0]
+        direction = task.strategy.direction[0]
         task.load_state_dict(state)  # replay the same meta batch without the preconditioner
-        raw, _ = task._meta_direction(model, criterion, cpu)
+        raw, _ = fresh_direction(task, model, criterion)
         for n in probed:
             # fairseq's Adam adds eps before the bias correction: eps / sqrt(1 - beta2^t) after it
             bc2 = 1 - betas[1] ** update
@@ -379,16 +398,16 @@ def test_fast_adam_preconditioned_matches_the_exact_adam_lookahead(tiny_data, mo
     assert precond[next(iter(probed))].std() > 0  # not a uniform rescaling
 
     # fast (first order, preconditioned) against the exact meta-gradient through Adam's look-ahead
-    probe, student = task._get_probe(model), _Student(model, criterion)
+    probe, student = probe_of(task, model), _Student(model, criterion)
     b, lr, denom = int(sample["target"].size(0)), 1e-3, float(sample["ntokens"])
     w = torch.linspace(0.6, 1.4, b, dtype=torch.float64)
     model.zero_grad()
     with probe.watch(capture_grads=True):
         out = criterion.per_sentence(model, sample)
     (w * out.loss).sum().backward()
-    fast = task._first_order(probe, lr, denom, b, weights=w).grad_w
-    task._direction = (raw, task._direction[1])
-    fast_raw = task._first_order(probe, lr, denom, b, weights=w).grad_w
+    fast = first_order_of(task, probe, lr, denom, b, weights=w).grad_w
+    task.strategy.direction = (raw, task.strategy.direction[1])
+    fast_raw = first_order_of(task, probe, lr, denom, b, weights=w).grad_w
     task.load_state_dict(state)
     meta_sample = task._next_meta_batch(model, cpu)
     names = {id(p): n for n, p in model.named_parameters()}

@@ -276,7 +276,7 @@ def _check_meta_signal(data, ck, monkeypatch):
     import torch
 
     sh([sys.executable, SCRIPTS / "meta_signal.py", "--checkpoint", ck / "checkpoint_last.pt", "--data", data,
-        "--num", "40", "--teacher-ceiling", "--teacher-source-contrast", "--teacher-length-ratio", "--out",
+        "--num", "40", "--teacher-ceiling", "--teacher-inputs", "states,token_stats,length_ratio,source_contrast,progress", "--out",
         ck / "signal"])
     res = json.loads((ck / "signal.json").read_text())
     assert res["pairs"] == 40 and 0 < res["corrupted_fraction"] < 1
@@ -284,7 +284,7 @@ def _check_meta_signal(data, ck, monkeypatch):
     assert "| encoder |" in (ck / "signal.md").read_text()
     ceiling = res["teacher_ceiling"]
     assert ceiling["inputs"] == 16 + 5 + 2 and all(0 <= ceiling[g] <= 1 for g in res["groups"])
-    assert "--teacher-length-ratio --teacher-source-contrast`" in (ck / "signal.md").read_text()
+    assert "--teacher-inputs states,token_stats,length_ratio,source_contrast,progress`" in (ck / "signal.md").read_text()
 
     spec = importlib.util.spec_from_file_location("meta_signal", SCRIPTS / "meta_signal.py")
     ms = importlib.util.module_from_spec(spec)

@@ -11,18 +11,20 @@ A flag given explicitly always wins over the recipe.
 
 from typing import Optional
 
-RECIPES = ("tuned", "paper")
+from .config import RECIPES  # noqa: F401
 
 # what `tuned` sets for `deep` (flag -> value); `paper` and the other methods use the plain values
 TUNED_DEEP = {"meta_refresh": 4, "meta_ema": 0.9, "max_weight": 2.0, "meta_precondition": "adam",
-              "teacher_source_contrast": True, "warmup_fraction": 1 / 3}
+              "teacher_inputs": "states,token_stats,source_contrast,progress", "warmup_fraction": 1 / 3}
 PLAIN = {"meta_refresh": 1, "meta_ema": 0.0, "max_weight": None, "meta_precondition": "none",
-         "teacher_source_contrast": False, "warmup_fraction": 0.0}
+         "teacher_inputs": "states,token_stats,progress", "warmup_fraction": 0.0}
+# the teacher's inputs of the other methods (their published forms): MW-Net reads the loss; l2rw/none have no teacher
+OTHER_INPUTS = {"mwnet": "loss"}
 
 
 def resolve(recipe: str, method: str, meta_grad: str, max_update: int, *, meta_refresh: Optional[int] = None,
             meta_ema: Optional[float] = None, max_weight: Optional[float] = None,
-            meta_precondition: str = "auto", teacher_source_contrast: bool = False,
+            meta_precondition: str = "auto", teacher_inputs: str = "auto",
             reweight_warmup: Optional[int] = None) -> dict:
     """The values of the recipe-dependent flags: the explicit ones (not None / "auto") as given, the others
     from the recipe. ``max_weight`` 0 means no cap. Flags of ``--meta-grad fast`` only stay plain with
@@ -37,7 +39,8 @@ def resolve(recipe: str, method: str, meta_grad: str, max_update: int, *, meta_r
         "meta_ema": default["meta_ema"] if meta_ema is None else meta_ema,
         "max_weight": default["max_weight"] if max_weight is None else (None if max_weight == 0 else max_weight),
         "meta_precondition": default["meta_precondition"] if meta_precondition == "auto" else meta_precondition,
-        "teacher_source_contrast": bool(teacher_source_contrast or default["teacher_source_contrast"]),
+        "teacher_inputs": ((default["teacher_inputs"] if method == "deep" else OTHER_INPUTS.get(method, ""))
+                           if teacher_inputs in (None, "auto") else teacher_inputs),
         "reweight_warmup": (int(round(default["warmup_fraction"] * max_update)) if max_update and max_update > 0
                             else 0) if reweight_warmup is None else reweight_warmup,
     }

@@ -33,58 +33,11 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .config import METHODS
 from .metagrad import MetaGrad
-from .probe import MetaDirection
 from .teacher import Teacher
 from .weights import check_max_weight, l2rw_weights, normalize
 
-METHODS = ("none", "l2rw", "mwnet", "deep")
-META_GRADS = ("fast", "fd", "exact")
-
-
-def check_flags(method: str, teacher_lr, meta_interval: int, teacher_states: str, meta_grad: str,
-                meta_fd_eps: float, meta_refresh: int = 1, meta_ema: float = 0.0,
-                max_weight: Optional[float] = None, teacher_weight_decay: float = 0.0,
-                meta_precondition: str = "none", meta_lr: Optional[float] = None) -> None:
-    """Reject flag combinations that would be silently ignored (same rules for NMT and images)."""
-    m = str(method)
-    if str(meta_precondition) not in ("none", "adam"):
-        raise ValueError(f"--meta-precondition must be none or adam, got {meta_precondition!r}")
-    if str(meta_precondition) != "none" and (m == "none" or str(meta_grad) != "fast"):
-        raise ValueError(f"--meta-precondition {meta_precondition} preconditions the meta direction of --meta-grad "
-                         f"fast: it has no effect with --reweight-method {m} --meta-grad {meta_grad}; drop it, or use "
-                         "a reweighting method with --meta-grad fast")
-    check_max_weight(max_weight)
-    if max_weight is not None and m == "none":
-        raise ValueError("--max-weight caps the weights of a reweighting method; with --reweight-method none every "
-                         "weight is 1: drop it, or choose l2rw/mwnet/deep")
-    if (meta_refresh != 1 or meta_ema != 0.0) and (m == "none" or str(meta_grad) != "fast"):
-        raise ValueError("--meta-refresh/--meta-ema reuse and average the meta direction of --meta-grad fast: they "
-                         f"have no effect with --reweight-method {m} --meta-grad {meta_grad}; drop them, or use a "
-                         "reweighting method with --meta-grad fast")
-    MetaDirection(meta_refresh, meta_ema)  # range checks of --meta-refresh/--meta-ema
-    if m not in METHODS:
-        raise ValueError(f"unknown --reweight-method {m!r}; choose one of {', '.join(METHODS)}")
-    for flag, value in (("--teacher-lr", teacher_lr), ("--teacher-weight-decay", teacher_weight_decay or None)):
-        if m in ("none", "l2rw") and value is not None:
-            raise ValueError(f"{flag} has no effect with --reweight-method {m} (no teacher): drop it, "
-                             "or use --reweight-method mwnet/deep")
-    if m == "l2rw" and meta_interval != 1:
-        raise ValueError("l2rw computes weights from the meta-gradient at every update: drop --meta-interval")
-    if meta_interval < 1:
-        raise ValueError(f"--meta-interval must be >= 1, got {meta_interval}")
-    if m != "deep" and teacher_states != "last":
-        raise ValueError(f"--teacher-states only applies to --reweight-method deep, not {m}")
-    if str(meta_grad) not in META_GRADS:
-        raise ValueError(f"--meta-grad must be one of {', '.join(META_GRADS)}, got {meta_grad!r}")
-    if meta_fd_eps <= 0:
-        raise ValueError(f"--meta-fd-eps must be > 0, got {meta_fd_eps}")
-    if meta_lr is not None and (m == "none" or str(meta_grad) == "fast"):
-        # fast: dL/dw = -(lr/denom) <grad L_meta, grad l_i>; the teacher sees it rescaled to unit RMS and l2rw
-        # normalises max(0, -dL/dw) over the batch, so the step size cancels
-        raise ValueError(f"--meta-lr sets the look-ahead step of --meta-grad fd/exact; it has no effect with "
-                         f"--reweight-method {m} --meta-grad {meta_grad} (the step size cancels in the weights): "
-                         "drop it, or use --meta-grad fd/exact")
 
 
 class Reweighter:
@@ -203,6 +156,11 @@ class Reweighter:
         self.teacher, self.optimizer, self._pending = None, None, state
 
     # ------------------------------------------------------------------ weights
+    # One protocol for the teacher: ``teacher_weights`` gives the weights (with their graph on meta updates),
+    # ``accumulate`` back-propagates a meta-gradient of those weights into the teacher, ``step_teacher`` steps
+    # it (all-reducing over data-parallel workers) and ``end_update`` folds in the input moments. The
+    # look-ahead strategies (--meta-grad fd/exact) run all of it inside ``weights``, before the student's step;
+    # ``--meta-grad fast`` calls the pieces around the student's own backward (core/strategies/).
     def weights(
         self,
         step: int,
@@ -211,7 +169,8 @@ class Reweighter:
         batch_size: Optional[int] = None,
         device: Optional[torch.device] = None,
     ) -> Tuple[torch.Tensor, Dict[str, float]]:
-        """Normalised weights for this batch (detached) and a dict of diagnostics to log."""
+        """Normalised weights for this batch (detached) and a dict of diagnostics to log; on a meta step the
+        teacher learns from ``meta_grad_fn(w)`` first and the weights come from the updated teacher."""
         info: Dict[str, float] = {}
         if features is not None:
             batch_size, device = features.shape[0], features.device
@@ -220,21 +179,14 @@ class Reweighter:
             return ones, info
         if self.method == "l2rw":
             return self.l2rw(meta_grad_fn(torch.zeros_like(ones)), info), info
-
-        teacher = self.ensure_teacher(features.shape[1], device)
-        feats = features.detach().float()
-        teacher.norm.accumulate(feats[:, : feats.shape[1] - teacher.passthrough])  # folded in by end_update
-        if self.is_meta_step(step):
-            w = normalize(teacher(feats), self.max_weight, cap_gradient=self.cap_gradient)
-            mg = meta_grad_fn(w.detach())
-            self.zero_teacher_grad()
-            self._accumulated = int(self._count(info, mg) and self._backward(w, mg))
-            if self._accumulated:
-                self.optimizer.step()
-            self.zero_teacher_grad()
+        w, w_graph = self.teacher_weights(step, features)
+        if w_graph is None:
+            return w, info
+        self.zero_teacher_grad()
+        self.accumulate(w_graph, meta_grad_fn(w), info)
+        self.step_teacher()
         with torch.no_grad():
-            w = normalize(teacher(feats), self.max_weight)
-        return w, info
+            return normalize(self.teacher(features.detach().float()), self.max_weight), info
 
     def l2rw(self, mg: MetaGrad, info: Dict[str, float]) -> torch.Tensor:
         """L2RW weights from the meta-gradient at ``w = 0`` (uniform if no example helps)."""

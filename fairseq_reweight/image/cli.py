@@ -17,7 +17,7 @@ import sys
 from dataclasses import fields
 from typing import List, Optional
 
-from ..core import META_GRADS, METHODS
+from ..core import ReweightConfig, add_arguments
 from .data import DATASETS, DataError
 from .noise import NOISE_TYPES
 from .train import TrainConfig, Trainer
@@ -66,49 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-decay", type=float, default=d.lr_decay)
     g.add_argument("--momentum", type=float, default=d.momentum)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g = p.add_argument_group("reweighting (as in the fairseq task)")
-    g.add_argument("--reweight-method", choices=METHODS, default=d.reweight_method,
-                   help="none: uniform weights; l2rw: Ren et al. 2018; mwnet: Shu et al. 2019 (teacher sees the "
-                   "loss); deep: Fan et al. 2021 (teacher sees internal states, label, loss, progress)")
-    g.add_argument("--meta-interval", type=int, default=d.meta_interval, help="update the teacher every N updates")
-    g.add_argument("--meta-grad", choices=META_GRADS, default=d.meta_grad,
-                   help="fast: first-order meta-gradient on the layers of --meta-params from the student's own "
-                   "forward/backward (one extra forward of the meta batch); fd: all parameters, one-step "
-                   "look-ahead, finite difference of per-example losses; exact: second-order autograd "
-                   "through the look-ahead (the reference)")
-    g.add_argument("--meta-params", default=d.meta_params,
-                   help="fast only: layers whose parameters the meta-gradient uses, comma-separated: fc (the "
-                   "classifier), block (convolutions of the last residual block), stage (of the last stage), "
-                   "all (every convolution; below BatchNorm their per-example gradients are approximate); auto: fc")
-    g.add_argument("--meta-lr", type=float, help="fd/exact only: look-ahead step size (default: the current learning rate)")
-    g.add_argument("--meta-batch-size", type=int, default=d.meta_batch_size, help="meta batch (default --batch-size)")
-    g.add_argument("--meta-refresh", type=int, default=d.meta_refresh,
-                   help="fast only: a fresh meta direction (one meta forward/backward) every N meta updates, reused "
-                   "in between")
-    g.add_argument("--meta-ema", type=float, default=d.meta_ema,
-                   help="fast only: exponential average of the fresh meta directions with this decay (e.g. 0.9); "
-                   "0: the latest direction")
-    g.add_argument("--meta-fd-eps", type=float, default=d.meta_fd_eps,
-                   help="fd only: finite-difference step relative to the parameter norm")
-    g.add_argument("--max-weight", type=float,
-                   help="cap each normalised weight at this value (> 1; weights have mean 1 over the batch), so the "
-                   "weights cannot concentrate a batch on a few examples; e.g. 2")
-    g.add_argument("--teacher-lr", type=float, help="teacher Adam lr (mwnet/deep; default 1e-3)")
-    g.add_argument("--teacher-hidden", type=int, default=d.teacher_hidden, help="teacher MLP hidden size")
-    g.add_argument("--teacher-weight-decay", type=float, default=d.teacher_weight_decay,
-                   help="decoupled (AdamW) weight decay of the teacher: each step shrinks its parameters by "
-                   "teacher-lr x this, bounding the drift a noisy meta-gradient drives on uninformative inputs")
-    g.add_argument("--teacher-states", default=d.teacher_states,
-                   help="student states the deep teacher sees: last (penultimate features), all, or 1-based "
-                   "stage indices like 1,3")
-    g.add_argument("--teacher-progress-horizon", type=int, default=d.teacher_progress_horizon,
-                   help="updates that count as training progress 1.0 for the deep teacher (default: the run's total)")
-    g.add_argument("--reset-teacher", action="store_true", help="--resume without the checkpoint's teacher")
+    # the reweighting flags of the fairseq task, generated from core.config.ReweightConfig
+    add_arguments(p.add_argument_group("reweighting (as in the fairseq task)"), ReweightConfig,
+                  exclude=("reweight_recipe", "meta_precondition"), defaults=d)
     g = p.add_argument_group("run")
     g.add_argument("--save-dir", default=d.save_dir, help="checkpoints, log.json, log.csv, labels.tsv")
     g.add_argument("--resume", action="store_true", help="continue from SAVE_DIR/checkpoint_last.pt")
-    g.add_argument("--dump-weights", metavar="FILE",
-                   help="append per-example 'update id weight loss' rows (score them with SAVE_DIR/labels.tsv)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     g.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default)")

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import MetaGrad, capture_rng, fixed_rng, functional_call, parse_states_spec, weight_gradient
+from ..core import MetaGrad, functional_call, parse_states_spec
+from ..core.strategies.lookahead import replayed
 
 
 class StudentOutput(NamedTuple):
@@ -100,6 +101,18 @@ def meta_loss(model: nn.Module, meta_x: torch.Tensor, meta_y: torch.Tensor) -> t
     return F.cross_entropy(functional_call(model, replay_buffers(model), (meta_x,)), meta_y)
 
 
+def lookahead(model: nn.Module, x: torch.Tensor, y: torch.Tensor, meta_x: torch.Tensor, meta_y: torch.Tensor):
+    """``(params, train_losses(p), meta_loss(p))`` for the look-ahead meta-gradient (core/strategies/lookahead.py):
+    functional replays in train mode on copies of the BatchNorm buffers."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def call(p, inputs):
+        return functional_call(model, {**replay_buffers(model), **p}, (inputs,))
+
+    return (params, lambda p: F.cross_entropy(call(p, x), y, reduction="none"),
+            lambda p: F.cross_entropy(call(p, meta_x), meta_y))
+
+
 def meta_grad_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, losses: torch.Tensor,
                  meta_x: torch.Tensor, meta_y: torch.Tensor, lr: float, mode: str = "fd",
                  fd_eps: float = 1e-3, rng=None) -> Callable[[torch.Tensor], MetaGrad]:
@@ -109,25 +122,4 @@ def meta_grad_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, losses: tor
     captured just before that forward, so replays see the same random state. The normaliser
     is the batch size (the student minimises ``sum_i w_i l_i / B``).
     """
-    device = x.device
-    rng = rng if rng is not None else capture_rng(device)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-    def call(p, inputs):
-        return functional_call(model, {**replay_buffers(model), **p}, (inputs,))
-
-    def train_losses(p):
-        with fixed_rng(rng, device):
-            return F.cross_entropy(call(p, x), y, reduction="none")
-
-    meta_rng = capture_rng(device)
-
-    def meta_loss(p):
-        with fixed_rng(meta_rng, device):
-            return F.cross_entropy(call(p, meta_x), meta_y)
-
-    def fn(w: torch.Tensor) -> MetaGrad:
-        return weight_gradient(params, train_losses, meta_loss, w, lr, float(len(y)), mode=mode, fd_eps=fd_eps,
-                               losses=losses)
-
-    return fn
+    return replayed(lookahead(model, x, y, meta_x, meta_y), losses, lr, float(len(y)), mode, fd_eps, rng)

@@ -13,7 +13,6 @@ per epoch), and ``labels.tsv`` (every training id with its observed and true lab
 ``noisy`` flag, to score ``--dump-weights`` files).
 """
 
-import contextlib
 import csv
 import json
 import math
@@ -27,9 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..core import (
-    LayerProbe, MetaDirection, Reweighter, WeightDumper, auc, capture_rng, check_flags, first_order, meta_direction, weight_stats,
-)
+from ..core import ReweightConfig, Reweighter, WeightDumper, auc, strategies, weight_stats
 from . import student
 from .augment import Augment
 from .data import load_dataset
@@ -42,8 +39,16 @@ RESUME_KEYS = ("dataset", "noise", "noise_rate", "meta_size", "train_size", "dat
                "batch_size", "reweight_method", "teacher_states", "teacher_hidden")
 
 
+_R = ReweightConfig.__annotations__
+
+
+def _like(name: str, default):
+    """The field ``name`` of ReweightConfig (its help) with another default."""
+    return field(default=default, metadata=ReweightConfig.__dataclass_fields__[name].metadata)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(ReweightConfig):
     # data and noise
     dataset: str = "fashion-mnist"
     data_dir: Optional[str] = None
@@ -64,30 +69,19 @@ class TrainConfig:
     lr_decay: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    # reweighting (same flags and semantics as the fairseq task)
-    reweight_method: str = "deep"
-    meta_interval: int = 1
-    # fd, not fast, by default: with BatchNorm between the probed convolutions and the loss the
-    # probe's per-example gradients are not exact, and on the classifier alone the signal measured weak
-    # (scripts/bench_speed.py, README "Performance")
-    meta_grad: str = "fd"
-    meta_params: str = "auto"  # fast only: layers of the meta-gradient (student.probe_layers)
-    meta_lr: Optional[float] = None
-    meta_batch_size: int = 0  # 0: --batch-size
-    meta_fd_eps: float = 1e-3
-    meta_refresh: int = 1  # fast only: a fresh meta direction every N meta updates (core.MetaDirection)
-    meta_ema: float = 0.0  # fast only: exponential average of the fresh meta directions
-    max_weight: Optional[float] = None  # cap of the normalised weights (core.weights.normalize)
-    teacher_lr: Optional[float] = None
-    teacher_hidden: int = 100
-    teacher_weight_decay: float = 0.0  # decoupled (AdamW) decay of the teacher's parameters
-    teacher_states: str = "last"
-    teacher_progress_horizon: int = 0  # updates that count as progress 1.0 (0: all the run's updates)
-    reset_teacher: bool = False
+    # reweighting: the fields of core.config.ReweightConfig (the flags of the fairseq task), with these defaults:
+    # fd, not fast: with BatchNorm between the probed convolutions and the loss the probe's per-example gradients
+    # are not exact, and on the classifier alone the signal measured weak (README "Performance"); no recipe
+    # (the tuned recipe is the NMT one) and no Adam preconditioning (the student is SGD)
+    meta_grad: _R["meta_grad"] = _like("meta_grad", "fd")
+    reweight_recipe: _R["reweight_recipe"] = _like("reweight_recipe", "paper")
+    reweight_warmup: _R["reweight_warmup"] = _like("reweight_warmup", 0)
+    meta_precondition: _R["meta_precondition"] = _like("meta_precondition", "none")
+    meta_refresh: _R["meta_refresh"] = _like("meta_refresh", 1)
+    meta_ema: _R["meta_ema"] = _like("meta_ema", 0.0)
     # run
     save_dir: str = "runs/image"
     resume: bool = False
-    dump_weights: Optional[str] = None
     seed: int = 1
     device: str = "auto"
     threads: int = 0
@@ -97,8 +91,11 @@ class TrainConfig:
 
 def check_config(cfg: TrainConfig) -> None:
     m = cfg.reweight_method
-    check_flags(m, cfg.teacher_lr, cfg.meta_interval, cfg.teacher_states, cfg.meta_grad, cfg.meta_fd_eps,
-                cfg.meta_refresh, cfg.meta_ema, cfg.max_weight, cfg.teacher_weight_decay, meta_lr=cfg.meta_lr)
+    if cfg.max_weight == 0:  # --max-weight 0: no cap
+        cfg.max_weight = None
+    cfg.validate()
+    if str(cfg.meta_precondition) == "adam":
+        raise ValueError("--meta-precondition adam needs an Adam student; the image student is SGD: drop it")
     if m != "none" and cfg.meta_size <= 0:
         raise ValueError(f"--reweight-method {m} needs a clean meta set: --meta-size must be > 0")
     check_rate(cfg.noise_rate)
@@ -168,11 +165,15 @@ class Trainer:
                                      passthrough=student.passthrough(cfg.reweight_method, self.num_classes),
                                      all_reduce=_all_reduce_sum if self.world > 1 else None, world_size=self.world,
                                      seed=cfg.seed, max_weight=cfg.max_weight,
-                                     teacher_weight_decay=cfg.teacher_weight_decay)
+                                     teacher_weight_decay=cfg.teacher_weight_decay, warmup=cfg.reweight_warmup or 0,
+                                     cap_gradient=str(cfg.max_weight_gradient))
         self.layers = (student.parse_teacher_states(cfg.teacher_states, self.model.num_states)
                        if cfg.reweight_method == "deep" else [])
-        self.probe = LayerProbe(student.probe_layers(self.model, cfg.meta_params))  # --meta-grad fast
-        self.meta_dir = MetaDirection(cfg.meta_refresh, cfg.meta_ema)  # fresh, reused or averaged
+        student.probe_layers(self.model, cfg.meta_params)  # a bad --meta-params fails here, not at the first update
+        self.strategy = strategies.build(cfg.meta_grad, self.reweighter, fd_eps=cfg.meta_fd_eps,
+                                         probe_layers=lambda: student.probe_layers(self.model, cfg.meta_params),
+                                         refresh=cfg.meta_refresh, ema=cfg.meta_ema)
+        self._sync_logged = False
         # separate streams: every method sees the same training batches and augmentations
         self.gen_train = torch.Generator().manual_seed(cfg.seed)
         self.gen_meta = torch.Generator().manual_seed(cfg.seed + 1)
@@ -299,45 +300,26 @@ class Trainer:
                                   fit_noisy)
 
     def train_step(self, x, y, lr: float, progress: float):
-        """One update on an (augmented) batch: ``(weights, student output, diagnostics)``."""
-        cfg, rw, n = self.cfg, self.reweighter, len(y)
-        meta_lr = cfg.meta_lr if cfg.meta_lr is not None else lr
-        meta_step = rw.is_meta_step(self.updates)
-        fast = meta_step and cfg.meta_grad == "fast"
-        probe = self.probe if fast else None
-        if fast:
-            def fresh():
-                meta_x, meta_y = self._meta_batch()
-                return meta_direction(probe, list(self.model.parameters()),
-                                      lambda: student.meta_loss(self.model, meta_x, meta_y))
-
-            direction = self.meta_dir.get(fresh)
-        rng = capture_rng(self.device)
-        with probe.watch(capture_grads=rw.has_teacher) if fast else contextlib.nullcontext():
+        """One update on an (augmented) batch: ``(weights, student output, diagnostics)``. The hooks of
+        ``self.strategy`` (core/strategies/__init__.py) around the student's forward and backward, as in the
+        fairseq task's ``train_step``."""
+        cfg, s, n, step = self.cfg, self.strategy, len(y), self.updates
+        s.begin_update(step, params=list(self.model.parameters()),
+                       meta_loss=lambda: student.meta_loss(self.model, *self._meta_batch()))
+        with s.forward(self.device):
             out = student.forward(self.net, x, y, states=bool(self.layers))
         feats = student.teacher_features(cfg.reweight_method, out, y, self.num_classes, self.layers, progress)
-        info, w_graph = {}, None
-        if fast and rw.method == "l2rw":
-            probe.output_grads(out.losses.sum())
-            w = rw.l2rw(first_order(probe, *direction, meta_lr, float(n), n), info)
-        elif rw.has_teacher and cfg.meta_grad == "fast":  # w_graph: None unless a meta update
-            w, w_graph = rw.teacher_weights(self.updates, feats)
-        else:
-            meta_fn = self._meta_grad_fn(x, y, out, meta_lr, rng) if meta_step else None
-            w, info = rw.weights(self.updates, feats, meta_fn, batch_size=n, device=self.device)
+        w, info = s.weights(step, feats, out.losses, lr=cfg.meta_lr if cfg.meta_lr is not None else lr,
+                            denom=float(n), lookahead=lambda: student.lookahead(self.model, x, y, *self._meta_batch()))
         loss = (w * out.losses).sum() / n
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        s.after_backward(w, info, loss_scale=1 / n)
         self.optimizer.step()
-        if w_graph is not None:  # the teacher's meta-gradient from the student's own backward (core/probe.py)
-            rw.accumulate(w_graph, first_order(probe, *direction, meta_lr, float(n), n, weights=w, loss_scale=1 / n), info)
-            rw.step_teacher()
-        rw.end_update()  # the input moments of this update's batch (all workers)
-        if w_graph is not None and rw.check_in_sync(self.updates) and not getattr(self, "_sync_logged", False):
+        if s.end_update(step) and not self._sync_logged:
             self._sync_logged = True
             self._log(f"teacher identical on all {self.world} workers (checked every meta update)")
         return w, out, info
-
 
     def bench_step(self) -> None:
         """One update on the next batch (scripts/bench_speed.py)."""
@@ -355,12 +337,6 @@ class Trainer:
         mb = min(cfg.meta_batch_size or cfg.batch_size, len(self.meta_y))
         pick = torch.randperm(len(self.meta_y), generator=self.gen_meta)[:mb].to(self.device)
         return self.augment(self.meta_x[pick], self.gen_meta), self.meta_y[pick]
-
-    def _meta_grad_fn(self, x, y, out, lr, rng):
-        cfg = self.cfg
-        meta_x, meta_y = self._meta_batch()
-        return student.meta_grad_fn(self.model, x, y, out.losses, meta_x, meta_y, lr, cfg.meta_grad,
-                                    cfg.meta_fd_eps, rng)
 
     def _epoch_record(self, lr, seconds, sums, w, noisy, correct, correct_true, fit_noisy) -> Dict[str, float]:
         n, nb = sums["w_count"], sums["w_batches"]
@@ -415,7 +391,7 @@ class Trainer:
                     "meta": self.gen_meta.get_state(),
                     "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None},
             "reweighter": self.reweighter.state_dict(),
-            "meta_direction": self.meta_dir.state_dict(),
+            "meta_direction": self.strategy.state_dict(),
             "history": self.history, "best_acc": self.best_acc,
             "train_seconds": self.train_seconds, "train_iters": self.train_iters,
         }
@@ -445,7 +421,7 @@ class Trainer:
             self._log("--reset-teacher: ignoring the teacher state in the checkpoint")
         else:
             self.reweighter.load_state_dict(state["reweighter"])
-            self.meta_dir.load_state_dict(state.get("meta_direction"))
+            self.strategy.load_state_dict(state.get("meta_direction"))
         self.history, self.best_acc = list(state["history"]), state["best_acc"]
         self.train_seconds, self.train_iters = state["train_seconds"], state["train_iters"]
         teacher = f", teacher after {self.reweighter.meta_steps} meta updates" if self.reweighter.has_teacher else ""
