@@ -71,38 +71,32 @@ def load(checkpoint, data, with_cfg=False):
 
 
 def teacher_inputs(task, cfg, model, dataset, ids, states="last", batch_sentences=50, names="auto"):
-    """The ``deep`` teacher's input features of ``ids`` (``names``: as ``--teacher-inputs``, from the registry of
-    fairseq_reweight/features.py), computed by the task and criterion of the run (any ``reweighted_translation``
-    checkpoint)."""
-    from omegaconf import open_dict
-
-    from fairseq_reweight.core import features
+    """The ``deep`` teacher's input features of ``ids``: ``names`` as ``--teacher-inputs`` (auto: the tuned
+    recipe's), computed with the registry the training uses (fairseq_reweight/features.py) from the run's
+    criterion (any ``reweighted_translation`` checkpoint)."""
+    from fairseq_reweight.core import features, parse_states_spec
     from fairseq_reweight.core.recipe import TUNED_DEEP
-    from fairseq_reweight.features import FEATURES
+    from fairseq_reweight.criterion import num_decoder_layers
+    from fairseq_reweight.features import FEATURES, Batch
 
-    if not hasattr(task, "teacher_features"):
-        sys.exit("meta_signal.py --teacher-ceiling: the checkpoint was not trained with --task "
-                 "reweighted_translation; the teacher's inputs come from that task")
-    with open_dict(task.cfg):
-        task.cfg.teacher_states = states
-    task.inputs = features.parse(TUNED_DEEP["teacher_inputs"] if names == "auto" else names, FEATURES)
-    task._layers = None
     criterion = task.build_criterion(cfg.criterion)
     if not hasattr(criterion, "per_sentence"):
         sys.exit("meta_signal.py --teacher-ceiling: the checkpoint's criterion is not "
                  "reweighted_label_smoothed_cross_entropy; the teacher's inputs come from it")
-    rows = []
+    names = features.parse(TUNED_DEEP["teacher_inputs"] if names == "auto" else names, FEATURES)
+    rows, layers = [], None
     with torch.no_grad():
         for start in range(0, len(ids), batch_sentences):
             sample = dataset.collater([dataset[int(i)] for i in ids[start:start + batch_sentences]])
             order = sample["id"].tolist()  # the collater sorts by length
-            layers = task._resolve_layers(model)
+            if layers is None:
+                layers = parse_states_spec(states, num_decoder_layers(model, sample), "decoder layers")
             out = criterion.per_sentence(model, sample, layers)
-            contrast = criterion.source_contrast(model, sample, out) if "source_contrast" in task.inputs else None
-            feats = task.teacher_features(out, 0, sample, contrast)
+            contrast = criterion.source_contrast(model, sample, out) if "source_contrast" in names else None
+            feats = features.stack(names, FEATURES, Batch(out, sample, contrast, 0.0))
             by_id = dict(zip(order, feats.double().numpy()))
             rows += [by_id[int(i)] for i in ids[start:start + batch_sentences]]
-    return np.array(rows)
+    return np.array(rows), names
 
 
 def ridge_auc(x, y, clean, lam=1.0):
@@ -248,8 +242,8 @@ def main(argv=None):
         r = res["groups"][g]
         lines.append(f"| {g} | {r['auc']:.3f} | {r['auc_cosine']:.3f} | {r['share']:.2f} |")
     if args.teacher_ceiling:
-        feats = teacher_inputs(task, cfg, model, train, ids, args.teacher_states, names=args.teacher_inputs)
-        optional = [f"--teacher-inputs {','.join(task.inputs)}"]
+        feats, names = teacher_inputs(task, cfg, model, train, ids, args.teacher_states, names=args.teacher_inputs)
+        optional = [f"--teacher-inputs {','.join(names)}"]
         c = np.array(clean)
         res["teacher_ceiling"] = {"inputs": int(feats.shape[1]), "oracle (fit to the flags)": ridge_auc(feats, c, c),
                                   **{g: ridge_auc(feats, scores[g], c) for g in GROUPS}}

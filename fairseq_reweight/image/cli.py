@@ -86,7 +86,7 @@ def parse_config(argv: Optional[List[str]] = None) -> TrainConfig:
     if known.preset:
         parser.set_defaults(**PRESETS[known.preset])
     args = parser.parse_args(argv)
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
