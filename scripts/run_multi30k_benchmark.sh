@@ -47,6 +47,9 @@ Options:
   --deep-args "ARGS"     extra arguments of the deep runs only (default "")
   --filter-keep F        fraction of the train pairs the filter-* methods keep (default 1 - --noise-rate, the
                          known clean fraction; 0.8 is what a user would pick blind)
+  --filter-scorer S      checkpoint that scores the pairs for filter-{source-contrast,loss,dual-xent}: none (the
+                         finished none run of the seed, default) or warmup (the shared plain warm-up of --warmup
+                         updates: a cheaper scorer, no extra run)
   --gpu                  train and generate on the GPU (drops the preset's --cpu)
   --jobs N               runs at a time (default 2: two single-thread runs use both cores of a 2-core
                          machine; with N > 1 the seeds of one method/condition run side by side, so
@@ -63,7 +66,7 @@ log() { echo "[benchmark $(date +%H:%M:%S)] $*" >&2; }
 
 SEEDS="1 2" METHODS="none l2rw mwnet deep perfect" MAX_UPDATE="" WARMUP=400 PRESET=small-cpu NOISE=misaligned RATE=0.3
 VOCAB=8000 META=1000 DATA_SEED=1 CONDITIONS="clean noisy" RUNS="$ROOT/runs/multi30k"
-RESULTS="" TRAIN_ARGS="" DEEP_ARGS="" FILTER_KEEP="" GPU="" JOBS=2 THREADS=1 REPORT_ONLY="" DRY="" ONE=""
+RESULTS="" TRAIN_ARGS="" DEEP_ARGS="" FILTER_KEEP="" FILTER_SCORER=none GPU="" JOBS=2 THREADS=1 REPORT_ONLY="" DRY="" ONE=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
@@ -83,6 +86,7 @@ while [[ $# -gt 0 ]]; do
         --train-args) TRAIN_ARGS="${2?}"; shift 2 ;;
         --deep-args) DEEP_ARGS="${2?}"; shift 2 ;;
         --filter-keep) FILTER_KEEP="${2:?}"; shift 2 ;;
+        --filter-scorer) FILTER_SCORER="${2:?}"; shift 2 ;;
         --gpu) GPU=1; shift ;;
         --jobs) JOBS="${2:?}"; shift 2 ;;
         --threads) THREADS="${2:?}"; shift 2 ;;
@@ -104,6 +108,8 @@ fi
 [[ -n "$RESULTS" ]] || RESULTS="$ROOT/examples/multi30k/$PRESET"
 [[ -n "$FILTER_KEEP" ]] || FILTER_KEEP=$(python -c "print(round(1 - float('$RATE'), 6))")  # the clean fraction
 [[ "$WARMUP" =~ ^[0-9]+$ ]] || die "--warmup must be a number"
+case "$FILTER_SCORER" in none) ;; warmup) [[ "$WARMUP" -gt 0 ]] || die "--filter-scorer warmup needs --warmup > 0" ;;
+    *) die "--filter-scorer must be none or warmup, got '$FILTER_SCORER'" ;; esac
 for c in $CONDITIONS; do case "$c" in clean|noisy) ;; *) die "unknown condition '$c' (clean|noisy)" ;; esac; done
 [[ -n "$SEEDS" ]] || die "--seeds is empty"
 [[ "$MAX_UPDATE" =~ ^[0-9]+$ ]] || die "--max-update must be a number"
@@ -135,7 +141,10 @@ prepare_filter() {  # COND METHOD SEED
     [[ -f "$(filter_data "$cond" "$method" "$seed")/subset.json" ]] && return 0
     src=none; [[ "$score" == teacher ]] && src=deep
     ck="$(run_dir "$cond" "$src" "$seed")/checkpoint_last.pt"
-    if ! finished "$cond" "$src" "$seed"; then
+    if [[ "$src" == none && "$FILTER_SCORER" == warmup ]]; then
+        ensure_warmup "$cond" "$seed"
+        ck="$(warmup_dir "$cond" "$seed")/checkpoint_last.pt"
+    elif ! finished "$cond" "$src" "$seed"; then
         log "$cond/$method/seed$seed: needs the finished $src run of seed $seed first"
         one_run "$cond" "$src" "$seed"
     fi
@@ -310,7 +319,7 @@ if [[ "$JOBS" -le 1 ]]; then
     done
 else
     log "running $JOBS at a time"
-    PASS=(--seeds "$SEEDS" --methods "$METHODS" --max-update "$MAX_UPDATE" --warmup "$WARMUP" --deep-args "$DEEP_ARGS" --filter-keep "$FILTER_KEEP" --preset "$PRESET"
+    PASS=(--seeds "$SEEDS" --methods "$METHODS" --max-update "$MAX_UPDATE" --warmup "$WARMUP" --deep-args "$DEEP_ARGS" --filter-keep "$FILTER_KEEP" --filter-scorer "$FILTER_SCORER" --preset "$PRESET"
  --noise "$NOISE"
           --noise-rate "$RATE" --vocab "$VOCAB" --meta-size "$META" --data-seed "$DATA_SEED"
           --conditions "$CONDITIONS" --runs-dir "$RUNS" --results-dir "$RESULTS" --train-args "$TRAIN_ARGS"
