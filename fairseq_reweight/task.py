@@ -43,6 +43,10 @@ class ReweightedTranslationConfig(TranslationConfig, ReweightConfig):
         "help": "deep only: comma-separated inputs of the teacher, from " + ", ".join(FEATURES) + "; auto: the "
                 "recipe's (tuned: " + recipe.TUNED_DEEP["teacher_inputs"] + "; paper: " + recipe.PLAIN["teacher_inputs"]
                 + ")"})
+    teacher_prior: str = field(default="", metadata={
+        "help": "deep only: an input of --teacher-inputs the teacher starts from (its standardised value times "
+                "--teacher-prior-scale is added to the teacher's logit; the scale is learned), e.g. source_contrast"})
+    teacher_prior_scale: float = field(default=2.0, metadata={"help": "initial scale of --teacher-prior"})
     teacher_length_ratio: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     teacher_source_contrast: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     seed: int = II("common.seed")
@@ -96,13 +100,17 @@ class ReweightedTranslationTask(TranslationTask):
                         f"{recipe.describe(resolved)}")
         self._check_flags(cfg)
         self.inputs = inputs.parse(cfg.teacher_inputs, FEATURES) if cfg.reweight_method in ("mwnet", "deep") else []
+        if cfg.teacher_prior and (cfg.teacher_prior not in self.inputs or not FEATURES[cfg.teacher_prior].standardise
+                                  or cfg.reweight_method != "deep"):
+            raise ValueError(f"--teacher-prior {cfg.teacher_prior}: the deep teacher's prior must be one of its "
+                             f"standardised --teacher-inputs ({', '.join(n for n in self.inputs if FEATURES[n].standardise)})")
         self.reweighter = Reweighter(
             cfg.reweight_method, meta_interval=cfg.meta_interval, warmup=cfg.reweight_warmup,
             teacher_lr=cfg.teacher_lr if cfg.teacher_lr is not None else 1e-3, teacher_hidden=cfg.teacher_hidden,
             teacher_weight_decay=cfg.teacher_weight_decay,
             passthrough=inputs.passthrough(self.inputs, FEATURES),  # e.g. training progress, already in [0, 1]
             all_reduce=_all_reduce_sum, world_size=_rank_world()[1], seed=cfg.seed, max_weight=cfg.max_weight,
-            cap_gradient=str(cfg.max_weight_gradient))
+            cap_gradient=str(cfg.max_weight_gradient), teacher_prior_scale=cfg.teacher_prior_scale)
         self.strategy = strategies.build(
             cfg.meta_grad, self.reweighter, probe_layers=lambda: probe_layers(self._model, cfg.meta_params),
             refresh=cfg.meta_refresh, ema=cfg.meta_ema, precondition=str(cfg.meta_precondition),
@@ -262,7 +270,10 @@ class ReweightedTranslationTask(TranslationTask):
         criterion.source_contrast where ``source_contrast`` is; None for a method without a teacher."""
         if not self.inputs:
             return None
-        return inputs.stack(self.inputs, FEATURES, Batch(out, sample, contrast, self._progress(update_num)))
+        batch = Batch(out, sample, contrast, self._progress(update_num))
+        if self.cfg.teacher_prior and self.reweighter.teacher_prior is None:
+            self.reweighter.teacher_prior = inputs.column(self.inputs, FEATURES, batch, self.cfg.teacher_prior)
+        return inputs.stack(self.inputs, FEATURES, batch)
 
     def _progress(self, update_num: int) -> float:
         horizon = self.cfg.teacher_progress_horizon or self.cfg.max_update or 10000

@@ -31,6 +31,12 @@ def passthrough(names: Sequence[str], registry: Dict[str, Input]) -> int:
     return sum(not registry[n].standardise for n in names)
 
 
+def column(names: Sequence[str], registry: Dict[str, Input], ctx, name: str) -> int:
+    """The first column of input ``name`` in :func:`stack`'s output (widths from ``ctx``)."""
+    order = [n for n in names if registry[n].standardise] + [n for n in names if not registry[n].standardise]
+    return sum(registry[n].compute(ctx).shape[1] for n in order[:order.index(name)])
+
+
 def stack(names: Sequence[str], registry: Dict[str, Input], ctx) -> torch.Tensor:
     """The ``[B, D]`` teacher input: the standardised inputs in the order named, then the others."""
     order = [n for n in names if registry[n].standardise] + [n for n in names if not registry[n].standardise]

@@ -56,6 +56,7 @@ class Reweighter:
         max_weight: Optional[float] = None,
         teacher_weight_decay: float = 0.0,
         cap_gradient: str = "zero",
+        teacher_prior_scale: float = 2.0,
     ):
         if str(method) not in METHODS:
             raise ValueError(f"unknown reweighting method {method!r}; choose one of {', '.join(METHODS)}")
@@ -81,6 +82,9 @@ class Reweighter:
         self.all_reduce = all_reduce
         self.world_size = world_size
         self.seed = seed  # the teacher's initialisation: the same on every worker, whatever the global RNG
+        # an input column the teacher starts from (Teacher's ``prior``); set before the teacher is built
+        self.teacher_prior: Optional[int] = None
+        self.teacher_prior_scale = teacher_prior_scale
         self.teacher: Optional[Teacher] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.meta_steps = 0
@@ -107,7 +111,8 @@ class Reweighter:
         if self.teacher is None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
-                self.teacher = Teacher(in_dim, self.teacher_hidden, self.teacher_layers, self.passthrough).to(device)
+                self.teacher = Teacher(in_dim, self.teacher_hidden, self.teacher_layers, self.passthrough,
+                                       self.teacher_prior, self.teacher_prior_scale).to(device)
             self.optimizer = (torch.optim.AdamW(self.teacher.parameters(), lr=self.teacher_lr,
                                                 weight_decay=self.teacher_weight_decay)
                               if self.teacher_weight_decay > 0 else

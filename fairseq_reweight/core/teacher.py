@@ -98,13 +98,22 @@ class Teacher(nn.Module):
     example starts with weight sigmoid(0) = 0.5, i.e. uniform weights after normalisation.
     The last ``passthrough`` input columns (already bounded features such as training progress
     or a one-hot label) skip the input standardisation.
+
+    ``prior``: the index of a standardised input column the teacher starts from: ``prior_scale`` (learned, from
+    its initial value) times that column's standardised value (clipped to [-3, 3]) is added to the logit, so the
+    teacher ranks by that input from its first step and the meta-gradient corrects it from there.
     """
 
-    def __init__(self, in_dim: int, hidden: int = 100, num_layers: int = 1, passthrough: int = 0):
+    def __init__(self, in_dim: int, hidden: int = 100, num_layers: int = 1, passthrough: int = 0,
+                 prior: Optional[int] = None, prior_scale: float = 2.0):
         super().__init__()
         if not 0 <= passthrough <= in_dim:
             raise ValueError(f"passthrough={passthrough} must be within [0, in_dim={in_dim}]")
-        self.in_dim, self.passthrough = in_dim, passthrough
+        if prior is not None and not 0 <= prior < in_dim - passthrough:
+            raise ValueError(f"prior column {prior} must be a standardised input, within [0, {in_dim - passthrough})")
+        self.in_dim, self.passthrough, self.prior = in_dim, passthrough, prior
+        if prior is not None:
+            self.prior_scale = nn.Parameter(torch.tensor(float(prior_scale)))
         self.norm = RunningNorm(in_dim - passthrough)
         layers, d = [], in_dim
         for _ in range(num_layers):
@@ -123,5 +132,8 @@ class Teacher(nn.Module):
             )
         x = features.float()
         k = self.in_dim - self.passthrough
-        h = self.body(torch.cat([self.norm(x[:, :k]), x[:, k:]], 1) if self.passthrough else self.norm(x))
-        return torch.sigmoid(self.out(h)).squeeze(-1)
+        z = self.norm(x[:, :k])
+        logit = self.out(self.body(torch.cat([z, x[:, k:]], 1) if self.passthrough else z)).squeeze(-1)
+        if self.prior is not None:
+            logit = logit + self.prior_scale * z[:, self.prior].clamp(-3.0, 3.0)
+        return torch.sigmoid(logit)
