@@ -528,3 +528,27 @@ def test_cap_gradient_through_keeps_the_forward_and_reaches_capped_examples():
     assert torch.allclose(d1[1:], d0[1:], rtol=1e-12) and torch.isclose(d1[0], s * g[0], rtol=1e-12)
     with pytest.raises(ValueError, match="cap_gradient must be zero or through"):
         normalize(raw, 2.0, cap_gradient="soft")
+
+
+def test_teacher_prior_ranks_by_its_input_from_the_start_and_learns_its_scale():
+    """--teacher-prior: at initialisation (output layer zero) the teacher's logit is scale x the standardised
+    prior column (clipped to [-3, 3]), so its weights rank examples by that input alone; the scale is a
+    parameter the meta-gradient moves; a prior column outside the standardised inputs is refused."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 5) * torch.tensor([1.0, 3.0, 0.5, 2.0, 1.0]) + 4.0
+    x[:, 4] = 0.3  # a passthrough column (progress)
+    t = Teacher(5, hidden=8, passthrough=1, prior=1, prior_scale=2.0)
+    t.norm.update(x[:, :4])
+    r = t(x)
+    var = (t.norm.sq[1] - t.norm.mean[1] ** 2).clamp_min(t.norm.min_var)
+    z = ((x[:, 1] - t.norm.mean[1]) / var.sqrt()).clamp(-3, 3)
+    assert torch.allclose(r, torch.sigmoid(2.0 * z), atol=1e-5)
+    assert auc(r.tolist(), (x[:, 1] > x[:, 1].median()).int().tolist()) == 1.0
+    plain = Teacher(5, hidden=8, passthrough=1)
+    plain.norm.update(x[:, :4])
+    assert torch.allclose(plain(x), torch.full((64,), 0.5))  # without a prior: uniform at the start
+    loss = (normalize(r) * torch.linspace(-1, 1, 64)).sum()
+    loss.backward()
+    assert t.prior_scale.grad is not None and t.prior_scale.grad.abs() > 0
+    with pytest.raises(ValueError, match="prior column 4 must be a standardised input"):
+        Teacher(5, passthrough=1, prior=4)

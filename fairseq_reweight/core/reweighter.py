@@ -113,10 +113,14 @@ class Reweighter:
                 torch.manual_seed(self.seed)
                 self.teacher = Teacher(in_dim, self.teacher_hidden, self.teacher_layers, self.passthrough,
                                        self.teacher_prior, self.teacher_prior_scale).to(device)
-            self.optimizer = (torch.optim.AdamW(self.teacher.parameters(), lr=self.teacher_lr,
-                                                weight_decay=self.teacher_weight_decay)
-                              if self.teacher_weight_decay > 0 else
-                              torch.optim.Adam(self.teacher.parameters(), lr=self.teacher_lr))
+            if self.teacher_weight_decay > 0:  # the decay pulls the MLP towards zero, not the prior's scale
+                prior = [p for n, p in self.teacher.named_parameters() if n == "prior_scale"]
+                rest = [p for n, p in self.teacher.named_parameters() if n != "prior_scale"]
+                self.optimizer = torch.optim.AdamW(
+                    [{"params": rest}] + ([{"params": prior, "weight_decay": 0.0}] if prior else []),
+                    lr=self.teacher_lr, weight_decay=self.teacher_weight_decay)
+            else:
+                self.optimizer = torch.optim.Adam(self.teacher.parameters(), lr=self.teacher_lr)
             if self._pending is not None:
                 state, self._pending = self._pending, None
                 if state["in_dim"] != in_dim:
