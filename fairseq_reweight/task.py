@@ -43,10 +43,13 @@ class ReweightedTranslationConfig(TranslationConfig, ReweightConfig):
         "help": "deep only: comma-separated inputs of the teacher, from " + ", ".join(FEATURES) + "; auto: the "
                 "recipe's (tuned: " + recipe.TUNED_DEEP["teacher_inputs"] + "; paper: " + recipe.PLAIN["teacher_inputs"]
                 + ")"})
-    teacher_prior: str = field(default="", metadata={
+    teacher_prior: str = field(default="auto", metadata={
         "help": "deep only: an input of --teacher-inputs the teacher starts from (its standardised value times "
-                "--teacher-prior-scale is added to the teacher's logit; the scale is learned), e.g. source_contrast"})
-    teacher_prior_scale: float = field(default=2.0, metadata={"help": "initial scale of --teacher-prior"})
+                "--teacher-prior-scale is added to the teacher's logit; the scale is learned); none: no prior; "
+                "auto: the recipe's (tuned: " + recipe.TUNED_DEEP["teacher_prior"] + "; paper: none)"})
+    teacher_prior_scale: Optional[float] = field(default=None, metadata={
+        "help": "initial scale of --teacher-prior (default: tuned " + str(recipe.TUNED_DEEP["teacher_prior_scale"])
+                + ", paper " + str(recipe.PLAIN["teacher_prior_scale"]) + ")"})
     teacher_length_ratio: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     teacher_source_contrast: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     seed: int = II("common.seed")
@@ -90,7 +93,8 @@ class ReweightedTranslationTask(TranslationTask):
             str(cfg.reweight_recipe), str(cfg.reweight_method), str(cfg.meta_grad), cfg.max_update,
             meta_refresh=cfg.meta_refresh, meta_ema=cfg.meta_ema, max_weight=cfg.max_weight,
             meta_precondition=str(cfg.meta_precondition), teacher_inputs=cfg.teacher_inputs,
-            reweight_warmup=cfg.reweight_warmup)
+            reweight_warmup=cfg.reweight_warmup, teacher_prior=cfg.teacher_prior,
+            teacher_prior_scale=cfg.teacher_prior_scale, teacher_lr=cfg.teacher_lr)
         for k, v in resolved.items():
             setattr(cfg, k, v)
         # the recipe's Adam preconditioning falls back to none for a student optimizer without Adam moments
@@ -110,7 +114,7 @@ class ReweightedTranslationTask(TranslationTask):
             teacher_weight_decay=cfg.teacher_weight_decay,
             passthrough=inputs.passthrough(self.inputs, FEATURES),  # e.g. training progress, already in [0, 1]
             all_reduce=_all_reduce_sum, world_size=_rank_world()[1], seed=cfg.seed, max_weight=cfg.max_weight,
-            cap_gradient=str(cfg.max_weight_gradient), teacher_prior_scale=cfg.teacher_prior_scale)
+            teacher_prior_scale=cfg.teacher_prior_scale)
         self.strategy = strategies.build(
             cfg.meta_grad, self.reweighter, probe_layers=lambda: probe_layers(self._model, cfg.meta_params),
             refresh=cfg.meta_refresh, ema=cfg.meta_ema, precondition=str(cfg.meta_precondition),

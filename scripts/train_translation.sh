@@ -29,7 +29,7 @@ Options:
                     lr 5e-4, 4000 warm-up updates, 50000 updates
   --seed N          random seed (default 1)
   --max-update N    override the preset's number of updates
-  --teacher-lr LR   teacher learning rate for mwnet/deep (default 1e-3)
+  --teacher-lr LR   teacher learning rate for mwnet/deep (default: the task's, see --reweight-recipe)
   --gpu             train on the GPU (drops the tiny-cpu preset's --cpu)
   --threads N       CPU threads of torch (OMP/MKL_NUM_THREADS; default: \$OMP_NUM_THREADS, else 1 with
                     the *-cpu presets). One thread per run is the safe choice: on a 2-core machine that is also
@@ -56,7 +56,7 @@ for a in "$@"; do [[ "$a" == -h || "$a" == --help ]] && { usage; exit 0; }; done
 [[ $# -ge 3 ]] || { usage >&2; die "expected METHOD DATA-BIN SAVE-DIR"; }
 METHOD="$1" DATA="$2" SAVE="$3"
 shift 3
-PRESET=tiny-cpu SEED=1 MAX_UPDATE="" TEACHER_LR=1e-3 DRY=0 GPU="" THREADS="${OMP_NUM_THREADS:-}"
+PRESET=tiny-cpu SEED=1 MAX_UPDATE="" TEACHER_LR="" DRY=0 GPU="" THREADS="${OMP_NUM_THREADS:-}"
 EXTRA=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -125,7 +125,7 @@ METHOD_ARGS=(--reweight-method "$METHOD")
 if [[ "$METHOD" != none ]]; then
     METHOD_ARGS+=(--meta-subset meta --meta-interval 1 --meta-grad fast)
 fi
-if [[ "$METHOD" == mwnet || "$METHOD" == deep ]]; then
+if [[ -n "$TEACHER_LR" && ( "$METHOD" == mwnet || "$METHOD" == deep ) ]]; then
     METHOD_ARGS+=(--teacher-lr "$TEACHER_LR")
 fi
 [[ -n "$MAX_UPDATE" ]] && PRESET_ARGS+=(--max-update "$MAX_UPDATE")

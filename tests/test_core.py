@@ -489,12 +489,21 @@ def test_recipe_resolves_unset_flags_and_keeps_explicit_ones():
 
     tuned = recipe.resolve("tuned", "deep", "fast", 1200)
     assert tuned == {"meta_refresh": 4, "meta_ema": 0.9, "max_weight": 2.0, "meta_precondition": "adam",
-                     "teacher_inputs": "states,token_stats,source_contrast,progress", "reweight_warmup": 400}
+                     "teacher_inputs": "states,token_stats,source_contrast,progress", "reweight_warmup": 400,
+                     "teacher_lr": 1e-4, "teacher_prior_scale": 4.0, "teacher_prior": "source_contrast"}
     paper = recipe.resolve("paper", "deep", "fast", 1200)
     assert paper == {"meta_refresh": 1, "meta_ema": 0.0, "max_weight": None, "meta_precondition": "none",
-                     "teacher_inputs": "states,token_stats,progress", "reweight_warmup": 0}
+                     "teacher_inputs": "states,token_stats,progress", "reweight_warmup": 0,
+                     "teacher_lr": 1e-3, "teacher_prior_scale": 2.0, "teacher_prior": ""}
     for method in ("none", "l2rw", "mwnet"):  # the published forms under both recipes
-        assert recipe.resolve("tuned", method, "fast", 1200) == {**paper, "teacher_inputs": "loss" if method == "mwnet" else ""}
+        assert recipe.resolve("tuned", method, "fast", 1200) == {
+            **paper, "teacher_inputs": "loss" if method == "mwnet" else "",
+            "teacher_lr": 1e-3 if method == "mwnet" else None}
+    # the recipe's prior only where the teacher reads that input; "none" switches it off
+    assert recipe.resolve("tuned", "deep", "fast", 1200, teacher_inputs="states,progress")["teacher_prior"] == ""
+    assert recipe.resolve("tuned", "deep", "fast", 1200, teacher_prior="none")["teacher_prior"] == ""
+    assert recipe.resolve("paper", "deep", "fast", 1200, teacher_inputs="states,source_contrast",
+                          teacher_prior="source_contrast", teacher_lr=3e-4)["teacher_prior"] == "source_contrast"
     # explicit flags win; --max-weight 0 is no cap; fast-only flags stay plain with fd/exact
     mine = recipe.resolve("tuned", "deep", "fast", 1200, meta_refresh=1, max_weight=0, reweight_warmup=0,
                           meta_precondition="none")
@@ -506,28 +515,6 @@ def test_recipe_resolves_unset_flags_and_keeps_explicit_ones():
     assert recipe.resolve("tuned", "deep", "fast", 0)["reweight_warmup"] == 0  # no --max-update: no warm-up
     with pytest.raises(ValueError, match="--reweight-recipe must be one of tuned, paper"):
         recipe.resolve("best", "deep", "fast", 10)
-
-
-def test_cap_gradient_through_keeps_the_forward_and_reaches_capped_examples():
-    """cap_gradient="through": the same weights as the water-filling cap, the same gradient for the examples
-    below the cap, and for a capped example the gradient of its uncapped share s * r_i (zero in the exact
-    water-filling), so a teacher can still push down an example that sits at the cap."""
-    from fairseq_reweight.core import normalize
-
-    raw = torch.tensor([0.9, 0.05, 0.1, 0.2, 0.15, 0.1], dtype=torch.float64, requires_grad=True)
-    g = torch.tensor([1.0, -0.5, 0.3, 0.2, -0.1, 0.4], dtype=torch.float64)
-    w0 = normalize(raw, 2.0)
-    w1 = normalize(raw, 2.0, cap_gradient="through")
-    assert torch.equal(w0.detach(), w1.detach()) and float(w0[0]) == 2.0  # example 0 is capped
-    (d0,) = torch.autograd.grad((w0 * g).sum(), raw)
-    (d1,) = torch.autograd.grad((w1 * g).sum(), raw)
-    assert d0[0] == 0 and d1[0] != 0
-    free = raw.detach()[1:]
-    s = (6 - 2.0) / free.sum()  # the free examples' scale
-    # the free examples: identical (they share s); the capped one: s * g_0 plus nothing else
-    assert torch.allclose(d1[1:], d0[1:], rtol=1e-12) and torch.isclose(d1[0], s * g[0], rtol=1e-12)
-    with pytest.raises(ValueError, match="cap_gradient must be zero or through"):
-        normalize(raw, 2.0, cap_gradient="soft")
 
 
 def test_teacher_prior_ranks_by_its_input_from_the_start_and_learns_its_scale():

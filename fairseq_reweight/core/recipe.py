@@ -15,9 +15,11 @@ from .config import RECIPES  # noqa: F401
 
 # what `tuned` sets for `deep` (flag -> value); `paper` and the other methods use the plain values
 TUNED_DEEP = {"meta_refresh": 4, "meta_ema": 0.9, "max_weight": 2.0, "meta_precondition": "adam",
-              "teacher_inputs": "states,token_stats,source_contrast,progress", "warmup_fraction": 1 / 3}
+              "teacher_inputs": "states,token_stats,source_contrast,progress", "warmup_fraction": 1 / 3,
+              "teacher_prior": "source_contrast", "teacher_prior_scale": 4.0, "teacher_lr": 1e-4}
 PLAIN = {"meta_refresh": 1, "meta_ema": 0.0, "max_weight": None, "meta_precondition": "none",
-         "teacher_inputs": "states,token_stats,progress", "warmup_fraction": 0.0}
+         "teacher_inputs": "states,token_stats,progress", "warmup_fraction": 0.0,
+         "teacher_prior": "", "teacher_prior_scale": 2.0, "teacher_lr": 1e-3}
 # the teacher's inputs of the other methods (their published forms): MW-Net reads the loss; l2rw/none have no teacher
 OTHER_INPUTS = {"mwnet": "loss"}
 
@@ -25,10 +27,12 @@ OTHER_INPUTS = {"mwnet": "loss"}
 def resolve(recipe: str, method: str, meta_grad: str, max_update: int, *, meta_refresh: Optional[int] = None,
             meta_ema: Optional[float] = None, max_weight: Optional[float] = None,
             meta_precondition: str = "auto", teacher_inputs: str = "auto",
-            reweight_warmup: Optional[int] = None) -> dict:
+            reweight_warmup: Optional[int] = None, teacher_prior: str = "auto",
+            teacher_prior_scale: Optional[float] = None, teacher_lr: Optional[float] = None) -> dict:
     """The values of the recipe-dependent flags: the explicit ones (not None / "auto") as given, the others
-    from the recipe. ``max_weight`` 0 means no cap. Flags of ``--meta-grad fast`` only stay plain with
-    fd/exact, so that the checks of flags without effect do not fire on values the user did not set."""
+    from the recipe. ``max_weight`` 0 means no cap; ``teacher_prior`` "none" means no prior. Flags of
+    ``--meta-grad fast`` only stay plain with fd/exact, and ``teacher_lr`` stays unset for methods without a
+    teacher, so that the checks of flags without effect do not fire on values the user did not set."""
     if recipe not in RECIPES:
         raise ValueError(f"--reweight-recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     base = TUNED_DEEP if (recipe == "tuned" and method == "deep") else PLAIN
@@ -41,9 +45,17 @@ def resolve(recipe: str, method: str, meta_grad: str, max_update: int, *, meta_r
         "meta_precondition": default["meta_precondition"] if meta_precondition == "auto" else meta_precondition,
         "teacher_inputs": ((default["teacher_inputs"] if method == "deep" else OTHER_INPUTS.get(method, ""))
                            if teacher_inputs in (None, "auto") else teacher_inputs),
+        "teacher_lr": ((default["teacher_lr"] if method in ("mwnet", "deep") else None)
+                       if teacher_lr is None else teacher_lr),
+        "teacher_prior_scale": default["teacher_prior_scale"] if teacher_prior_scale is None else teacher_prior_scale,
         "reweight_warmup": (int(round(default["warmup_fraction"] * max_update)) if max_update and max_update > 0
                             else 0) if reweight_warmup is None else reweight_warmup,
     }
+    if teacher_prior in (None, "auto"):  # the recipe's prior, where the teacher reads that input
+        prior = default["teacher_prior"] if method == "deep" else ""
+        out["teacher_prior"] = prior if prior in out["teacher_inputs"].split(",") else ""
+    else:
+        out["teacher_prior"] = "" if teacher_prior == "none" else teacher_prior
     return out
 
 

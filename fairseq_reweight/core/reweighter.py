@@ -55,7 +55,6 @@ class Reweighter:
         seed: int = 0,
         max_weight: Optional[float] = None,
         teacher_weight_decay: float = 0.0,
-        cap_gradient: str = "zero",
         teacher_prior_scale: float = 2.0,
     ):
         if str(method) not in METHODS:
@@ -65,7 +64,6 @@ class Reweighter:
         check_max_weight(max_weight)
         self.method = str(method)
         self.max_weight = max_weight  # cap of the normalised weights (None: no cap), see weights.normalize
-        self.cap_gradient = cap_gradient  # the teacher's gradient at the cap: zero (exact) or through
         self.meta_interval = meta_interval
         self.warmup = warmup  # steps of plain (uniform) training before any reweighting or teacher update
         self.teacher_lr = teacher_lr
@@ -214,7 +212,7 @@ class Reweighter:
         feats = features.detach().float()
         teacher.norm.accumulate(feats[:, : feats.shape[1] - teacher.passthrough])  # folded in by end_update
         if self.is_meta_step(step):
-            w = normalize(teacher(feats), self.max_weight, cap_gradient=self.cap_gradient)
+            w = normalize(teacher(feats), self.max_weight)
             return w.detach(), w
         with torch.no_grad():
             return normalize(teacher(feats), self.max_weight), None

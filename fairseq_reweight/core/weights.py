@@ -27,15 +27,9 @@ from typing import Optional, Tuple
 import torch
 
 
-def normalize(raw: torch.Tensor, max_weight: Optional[float] = None, eps: float = 1e-12,
-              cap_gradient: str = "zero") -> torch.Tensor:
-    """Mean-one normalisation over the batch, capped at ``max_weight``; differentiable (used inside
-    the meta-gradient). ``cap_gradient="through"``: a capped example's weight is still ``max_weight`` in the
-    forward pass, but its gradient is that of its uncapped share ``s * r_i`` (straight-through), so the
-    meta-gradient can push down an example that sits at the cap; ``"zero"``: the exact gradient of the
-    water-filling (zero for capped examples)."""
-    if cap_gradient not in ("zero", "through"):
-        raise ValueError(f"cap_gradient must be zero or through, got {cap_gradient!r}")
+def normalize(raw: torch.Tensor, max_weight: Optional[float] = None, eps: float = 1e-12) -> torch.Tensor:
+    """Mean-one normalisation over the batch, capped at ``max_weight`` (water-filling); differentiable (used
+    inside the meta-gradient; a capped example's gradient is zero, the exact gradient of the water-filling)."""
     n = raw.numel()
     w = raw * (n / raw.sum().clamp_min(eps))
     if max_weight is None or n == 0 or not bool((w.detach() > max_weight).any()):
@@ -53,9 +47,6 @@ def normalize(raw: torch.Tensor, max_weight: Optional[float] = None, eps: float 
     rest = raw.masked_fill(capped, 0)
     total = rest.sum()
     scale = (n - max_weight * int(capped.sum())) / total if bool(total.detach() > 0) else 0.0
-    if cap_gradient == "through":
-        through = raw * (scale.detach() if torch.is_tensor(scale) else scale)  # its own r_i only
-        return torch.where(capped, max_weight + (through - through.detach()), rest * scale)
     return torch.where(capped, torch.full_like(raw, max_weight), rest * scale)
 
 

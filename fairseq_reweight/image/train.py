@@ -165,8 +165,7 @@ class Trainer:
                                      passthrough=student.passthrough(cfg.reweight_method, self.num_classes),
                                      all_reduce=_all_reduce_sum if self.world > 1 else None, world_size=self.world,
                                      seed=cfg.seed, max_weight=cfg.max_weight,
-                                     teacher_weight_decay=cfg.teacher_weight_decay, warmup=cfg.reweight_warmup or 0,
-                                     cap_gradient=str(cfg.max_weight_gradient))
+                                     teacher_weight_decay=cfg.teacher_weight_decay, warmup=cfg.reweight_warmup or 0)
         self.layers = (student.parse_teacher_states(cfg.teacher_states, self.model.num_states)
                        if cfg.reweight_method == "deep" else [])
         student.probe_layers(self.model, cfg.meta_params)  # a bad --meta-params fails here, not at the first update
