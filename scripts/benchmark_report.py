@@ -125,6 +125,8 @@ def main(argv=None):
     p.add_argument("--data-clean", default="")
     p.add_argument("--data-noisy", default="")
     p.add_argument("--command", default="scripts/run_multi30k_benchmark.sh")
+    p.add_argument("--carry", default="", help="an earlier results.json: its rows stand in for runs that are not in "
+                   "--runs-dir (BLEU, chrF and AUC only; listed as carried over)")
     args = p.parse_args(argv)
 
     runs, out = Path(args.runs_dir), Path(args.results_dir)
@@ -147,7 +149,21 @@ def main(argv=None):
                 ana = load_json(d / "weights_analysis.json")
                 spu, timed, last = seconds_per_update(d / "train.log")
                 R[c, m, s] = {"dir": d, "bleu": bleu, "ana": ana, "spu": spu, "updates": final_updates(d / "train.log"),
-                              "wall": (load_json(d / "train_time.json") or {}).get("wall_seconds")}
+                              "wall": (load_json(d / "train_time.json") or {}).get("wall_seconds"),
+                              "filter": load_json(d / "filter_analysis.json")}
+    cond_name = {"clean": "clean", "noisy": f"{args.noise}{float(args.noise_rate):g}"}
+    carried = []
+    if args.carry:
+        for row in load_json(Path(args.carry)) or []:
+            c = next((k for k, v in cond_name.items() if v == row.get("condition")), None)
+            key = (c, row.get("method"), str(row.get("seed")))
+            if key in R and R[key]["bleu"] is None:
+                R[key].update(bleu={"bleu": row["bleu"], "chrf": row.get("chrf")}, updates=None,
+                              ana={"auc_last": row["auc"]} if row.get("auc") is not None and not key[1].startswith(
+                                  "filter-") else R[key]["ana"],
+                              filter={"auc": row["auc"]} if key[1].startswith("filter-") and row.get("auc") is not None
+                              else R[key]["filter"])
+                carried.append(f"{key[0]}/{key[1]}/seed{key[2]}")
     done = sum(r["bleu"] is not None for r in R.values())
 
     def get(c, m, s):
@@ -200,6 +216,10 @@ def main(argv=None):
                  "mean weight clean / corrupted, last 20% | AUC of −loss (reference) |")
         L.append("|---|---|---|---|---|")
         for m in (m for m in methods if m != "perfect"):
+            if m.startswith("filter-"):  # the filter's score, not a weight: its AUC over the whole train split
+                L.append(f"| {m} (its score, whole train split) | "
+                         f"{fmt_stat([(R['noisy', m, s]['filter'] or {}).get('auc') for s in seeds], 3)} | – | – | – |")
+                continue
             anas = [R["noisy", m, s]["ana"] for s in seeds]
 
             def col(key, nd=3):
@@ -235,12 +255,13 @@ def main(argv=None):
     plots = []
     if "noisy" in conds:
         for s in seeds:
-            curves = {m: R["noisy", m, s]["ana"]["curve"] for m in methods if m != "perfect" and R["noisy", m, s]["ana"]}
+            curves = {m: R["noisy", m, s]["ana"]["curve"] for m in methods
+                      if m != "perfect" and (R["noisy", m, s]["ana"] or {}).get("curve")}
             if curves:
                 path = out / "weights_auc_all.png"
                 combined_auc_plot(curves, path, f"weight AUC over training, {noisy_label}, seed {s}")
                 plots.append((f"Weight AUC over training, all methods (seed {s})", path.name))
-                for m in (m for m in methods if m != "perfect"):
+                for m in (m for m in methods if m != "perfect" and not m.startswith("filter-")):
                     d = R["noisy", m, s]["dir"]
                     for name, what in (("weights_hist.png", "weight histogram, clean vs corrupted"),
                                        ("weights_auc.png", "weight AUC over training")):
@@ -263,15 +284,18 @@ def main(argv=None):
         if off:
             L.append(f"\n**Warning:** these runs did not stop at --max-update {args.max_update} (a runs folder "
                      f"reused with another budget?): {', '.join(off)}")
+    if carried:
+        L.append(f"\nCarried over from `{args.carry}` (BLEU, chrF, AUC; runs no longer on disk): {', '.join(carried)}")
     missing = [f"{c}/{m}/seed{s}" for (c, m, s), r in R.items() if r["bleu"] is None]
     if missing:
         L.append(f"\nMissing (not finished yet): {', '.join(missing)}")
-    cond_name = {"clean": "clean", "noisy": f"{args.noise}{float(args.noise_rate):g}"}
     rows = []
     for (c, m, s), r in sorted(R.items()):
         if r["bleu"] is None:
             continue
         a = r["ana"].get("auc_last") if (r["ana"] and c == "noisy" and m not in ("none", "perfect")) else None
+        if m.startswith("filter-"):
+            a = (r["filter"] or {}).get("auc")
         rows.append({"method": m, "condition": cond_name[c], "seed": int(s), "bleu": r["bleu"]["bleu"],
                      "chrf": r["bleu"]["chrf"], "auc": a})
     (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")

@@ -446,6 +446,27 @@ def test_benchmark_report_and_dry_run(tmp_path):
     assert {"method": "none", "condition": "clean", "seed": 2, "bleu": 31.0, "chrf": 50.0, "auc": None} in rows
     assert {"method": "perfect", "condition": "misaligned0.3", "seed": 1, "bleu": 28.0, "chrf": 55.0, "auc": None} in rows
     assert len(rows) == 9  # 11 runs, noisy/deep/seed2 unfinished, none of perfect on clean
+    # a filter run reports its score's AUC; --carry fills runs no longer on disk from an earlier results.json
+    d = runs / "noisy" / "filter-loss" / "seed1"
+    d.mkdir(parents=True)
+    (d / "bleu_test.json").write_text(json.dumps({"bleu": 27.0, "chrf": 52.0, "bleu_signature": "SIG",
+                                                  "chrf_signature": "CSIG"}))
+    (d / "filter_analysis.json").write_text(json.dumps({"auc": 0.71}))
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps([{"method": "deep", "condition": "misaligned0.3", "seed": 2, "bleu": 27.0, "chrf": 49.0,
+                                "auc": 0.8}, {"method": "filter-loss", "condition": "misaligned0.3", "seed": 2,
+                                              "bleu": 26.0, "chrf": 51.0, "auc": 0.69},
+                               {"method": "deep", "condition": "misaligned0.3", "seed": 1, "bleu": 1.0, "auc": 0.1}]))
+    sh([sys.executable, SCRIPTS / "benchmark_report.py", "--runs-dir", runs, "--results-dir", res,
+        "--methods", "none deep perfect filter-loss", "--seeds", "1 2", "--carry", old])
+    md = (res / "RESULTS.md").read_text()
+    assert "| deep | 31.00 ± 0.71 (30.50, 31.50) | 26.00 ± 1.41 (25.00, 27.00) |" in md  # seed 1 stays from disk
+    assert "| filter-loss (its score, whole train split) | 0.700 ± 0.014 (0.710, 0.690) |" in md
+    assert "Carried over from" in md and "noisy/deep/seed2, noisy/filter-loss/seed2" in md
+    rows = json.loads((res / "results.json").read_text())
+    assert {"method": "filter-loss", "condition": "misaligned0.3", "seed": 1, "bleu": 27.0, "chrf": 52.0,
+            "auc": 0.71} in rows
+    assert {"method": "deep", "condition": "misaligned0.3", "seed": 2, "bleu": 27.0, "chrf": 49.0, "auc": 0.8} in rows
 
     p = sh([SCRIPTS / "run_multi30k_benchmark.sh", "--dry-run", "--runs-dir", runs, "--seeds", "1 2 3"])
     lines = [x for x in p.stdout.splitlines() if x.startswith(("todo", "done"))]
