@@ -384,6 +384,9 @@ def test_cli_trains_each_method(method, fashion, tmp_path):
     assert summary["meta_steps"] == {"none": 0, "l2rw": 20, "mwnet": 10, "deep": 10}[method]
     log = json.loads((tmp_path / "run" / "log.json").read_text())
     assert [r["epoch"] for r in log["epochs"]] == [1, 2] and log["config"]["reweight_method"] == method
+    # the tuned recipe (the default) caps and decays the deep teacher; the other methods keep their published forms
+    want = (2.0, 3.0) if method == "deep" else (None, 0.0)
+    assert (log["config"]["max_weight"], log["config"]["teacher_weight_decay"]) == want
     assert 0 <= log["summary"]["last_test_acc"] <= 100 and log["summary"]["sec_per_iter"] > 0
     assert (tmp_path / "run" / "log.csv").read_text().count("\n") == 3
     rows = [line.split("\t") for line in dump.read_text().splitlines()]
@@ -395,6 +398,21 @@ def test_cli_trains_each_method(method, fashion, tmp_path):
     assert np.allclose(w.mean(1), 1.0, atol=1e-4)
     if method == "none":
         assert (w == 1).all()
+    if method == "deep":
+        assert w.max() <= 2.0 + 1e-5
+
+
+def test_image_recipe_paper_and_explicit_flags():
+    """--reweight-recipe paper: Fan et al.'s uncapped, undecayed teacher; explicit flags win over the recipe
+    (--max-weight 0: no cap)."""
+    from fairseq_reweight.image.train import TrainConfig, check_config
+
+    for kw, want in (({}, (2.0, 3.0)), ({"reweight_recipe": "paper"}, (None, 0.0)),
+                     ({"max_weight": 0.0}, (None, 3.0)), ({"teacher_weight_decay": 1.0, "max_weight": 3.0}, (3.0, 1.0)),
+                     ({"reweight_method": "mwnet"}, (None, 0.0))):
+        cfg = TrainConfig(**kw)
+        check_config(cfg)
+        assert (cfg.max_weight, cfg.teacher_weight_decay) == want, kw
 
 
 @pytest.mark.parametrize("method,meta_params,extra", [

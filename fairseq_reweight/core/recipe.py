@@ -20,6 +20,10 @@ TUNED_DEEP = {"meta_refresh": 4, "meta_ema": 0.9, "max_weight": 2.0, "meta_preco
 PLAIN = {"meta_refresh": 1, "meta_ema": 0.0, "max_weight": None, "meta_precondition": "none",
          "teacher_inputs": "states,token_stats,progress", "warmup_fraction": 0.0,
          "teacher_prior": "", "teacher_prior_scale": 2.0, "teacher_lr": 1e-3}
+# images (Fashion-MNIST, 40 % uniform noise, 2 seeds, examples/image/max_weight/): the deep teacher capped at 2
+# and decayed (+3.2 points over none, weight AUC 0.93/0.94; uncapped and undecayed: AUC 0.87/0.79)
+TUNED_DEEP_IMAGE = {"max_weight": 2.0, "teacher_weight_decay": 3.0}
+PLAIN_IMAGE = {"max_weight": None, "teacher_weight_decay": 0.0}
 # the teacher's inputs of the other methods (their published forms): MW-Net reads the loss; l2rw/none have no teacher
 OTHER_INPUTS = {"mwnet": "loss"}
 
@@ -57,6 +61,17 @@ def resolve(recipe: str, method: str, meta_grad: str, max_update: int, *, meta_r
     else:
         out["teacher_prior"] = "" if teacher_prior == "none" else teacher_prior
     return out
+
+
+def resolve_image(recipe: str, method: str, *, max_weight: Optional[float] = None,
+                  teacher_weight_decay: Optional[float] = None) -> dict:
+    """The image trainer's recipe-dependent flags (as :func:`resolve`: explicit values win, 0 = no cap)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"--reweight-recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    base = TUNED_DEEP_IMAGE if (recipe == "tuned" and method == "deep") else PLAIN_IMAGE
+    return {"max_weight": base["max_weight"] if max_weight is None else (None if max_weight == 0 else max_weight),
+            "teacher_weight_decay": (base["teacher_weight_decay"] if method in ("mwnet", "deep") else 0.0)
+            if teacher_weight_decay is None else teacher_weight_decay}
 
 
 def describe(values: dict) -> str:

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     # the reweighting flags of the fairseq task, generated from core.config.ReweightConfig
     add_arguments(p.add_argument_group("reweighting (as in the fairseq task)"), ReweightConfig,
-                  exclude=("reweight_recipe", "meta_precondition"), defaults=d)
+                  exclude=("meta_precondition",), defaults=d)
     g = p.add_argument_group("run")
     g.add_argument("--save-dir", default=d.save_dir, help="checkpoints, log.json, log.csv, labels.tsv")
     g.add_argument("--resume", action="store_true", help="continue from SAVE_DIR/checkpoint_last.pt")

@@ -2,7 +2,7 @@
 
     python -m fairseq_reweight.image.compare                 # cpu preset, examples/image/RESULTS.md
     python -m fairseq_reweight.image.compare --device cuda   # same runs on a GPU
-    python -m fairseq_reweight.image.compare --deep-args "--max-weight 2 --teacher-weight-decay 3"
+    python -m fairseq_reweight.image.compare --deep-args "--reweight-recipe paper"   # deep as published
 
 Each method trains with ``python -m fairseq_reweight.image --preset cpu`` (Fashion-MNIST, 40%
 uniform noise, ResNet-32) in ``OUT/METHOD``; a finished run is skipped and an interrupted one
@@ -182,8 +182,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per run (0: torch's default)")
     p.add_argument("--deep-args", default="",
-                   help="extra flags for the deep run only, e.g. \"--max-weight 2 --teacher-weight-decay 3\" (the "
-                   "setting of examples/image/max_weight/); other unknown flags go to every method")
+                   help="extra flags for the deep run only, e.g. \"--reweight-recipe paper\" (uncapped, undecayed, as "
+                   "published); other unknown flags go to every method")
     args, extra = p.parse_known_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in methods if m not in METHODS]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..core import ReweightConfig, Reweighter, WeightDumper, auc, strategies, weight_stats
+from ..core import ReweightConfig, Reweighter, recipe, WeightDumper, auc, strategies, weight_stats
 from . import student
 from .augment import Augment
 from .data import load_dataset
@@ -71,10 +71,11 @@ class TrainConfig(ReweightConfig):
     weight_decay: float = 5e-4
     # reweighting: the fields of core.config.ReweightConfig (the flags of the fairseq task), with these defaults:
     # fd, not fast: with BatchNorm between the probed convolutions and the loss the probe's per-example gradients
-    # are not exact, and on the classifier alone the signal measured weak (README "Performance"); no recipe
-    # (the tuned recipe is the NMT one) and no Adam preconditioning (the student is SGD)
+    # are not exact, and on the classifier alone the signal measured weak (README "Performance"); the recipe
+    # (core/recipe.py::resolve_image) sets --max-weight and --teacher-weight-decay; no Adam preconditioning
+    # (the student is SGD)
     meta_grad: _R["meta_grad"] = _like("meta_grad", "fd")
-    reweight_recipe: _R["reweight_recipe"] = _like("reweight_recipe", "paper")
+    teacher_weight_decay: Optional[float] = _like("teacher_weight_decay", None)
     reweight_warmup: _R["reweight_warmup"] = _like("reweight_warmup", 0)
     meta_precondition: _R["meta_precondition"] = _like("meta_precondition", "none")
     meta_refresh: _R["meta_refresh"] = _like("meta_refresh", 1)
@@ -91,8 +92,9 @@ class TrainConfig(ReweightConfig):
 
 def check_config(cfg: TrainConfig) -> None:
     m = cfg.reweight_method
-    if cfg.max_weight == 0:  # --max-weight 0: no cap
-        cfg.max_weight = None
+    for k, v in recipe.resolve_image(str(cfg.reweight_recipe), str(m), max_weight=cfg.max_weight,
+                                     teacher_weight_decay=cfg.teacher_weight_decay).items():
+        setattr(cfg, k, v)
     cfg.validate()
     if str(cfg.meta_precondition) == "adam":
         raise ValueError("--meta-precondition adam needs an Adam student; the image student is SGD: drop it")
