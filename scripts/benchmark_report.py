@@ -190,8 +190,8 @@ def main(argv=None):
     L.append("- Weight AUC: `scripts/analyze_weights.py`; AUC of the weight as a score for *clean* vs *corrupted* "
              "(0.5 = no separation, 1 = every clean pair above every corrupted one), over the last 20% of updates.\n")
 
-    sig = next((r["bleu"]["bleu_signature"] for r in R.values() if r["bleu"]), None)
-    csig = next((r["bleu"]["chrf_signature"] for r in R.values() if r["bleu"]), None)
+    sig = next((r["bleu"]["bleu_signature"] for r in R.values() if (r["bleu"] or {}).get("bleu_signature")), None)
+    csig = next((r["bleu"]["chrf_signature"] for r in R.values() if (r["bleu"] or {}).get("chrf_signature")), None)
 
     L.append("## BLEU on test_2016_flickr\n")
     L.append("| method | " + " | ".join(label[c] for c in conds) + " |")

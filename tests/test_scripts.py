@@ -458,11 +458,12 @@ def test_benchmark_report_and_dry_run(tmp_path):
                                               "bleu": 26.0, "chrf": 51.0, "auc": 0.69},
                                {"method": "deep", "condition": "misaligned0.3", "seed": 1, "bleu": 1.0, "auc": 0.1}]))
     sh([sys.executable, SCRIPTS / "benchmark_report.py", "--runs-dir", runs, "--results-dir", res,
-        "--methods", "none deep perfect filter-loss", "--seeds", "1 2", "--carry", old])
+        "--methods", "filter-loss deep none perfect", "--seeds", "2 1", "--conditions", "noisy", "--carry", old])
     md = (res / "RESULTS.md").read_text()
-    assert "| deep | 31.00 ± 0.71 (30.50, 31.50) | 26.00 ± 1.41 (25.00, 27.00) |" in md  # seed 1 stays from disk
-    assert "| filter-loss (its score, whole train split) | 0.700 ± 0.014 (0.710, 0.690) |" in md
+    assert "| deep | 26.00 ± 1.41 (27.00, 25.00) |" in md  # seed 1 from disk, not from the file
+    assert "| filter-loss (its score, whole train split) | 0.700 ± 0.014 (0.690, 0.710) |" in md
     assert "Carried over from" in md and "noisy/deep/seed2, noisy/filter-loss/seed2" in md
+    assert "sacrebleu signature: `SIG`" in md
     rows = json.loads((res / "results.json").read_text())
     assert {"method": "filter-loss", "condition": "misaligned0.3", "seed": 1, "bleu": 27.0, "chrf": 52.0,
             "auc": 0.71} in rows
