@@ -296,6 +296,7 @@ def main(argv=None):
         a = r["ana"].get("auc_last") if (r["ana"] and c == "noisy" and m not in ("none", "perfect")) else None
         if m.startswith("filter-"):
             a = (r["filter"] or {}).get("auc")
+            a = round(a, 4) if a is not None else None
         rows.append({"method": m, "condition": cond_name[c], "seed": int(s), "bleu": r["bleu"]["bleu"],
                      "chrf": r["bleu"]["chrf"], "auc": a})
     (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
