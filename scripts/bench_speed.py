@@ -175,9 +175,9 @@ def image_worker(conn, argv, threads):
 
 
 # ---------------------------------------------------------------------- configurations
-def nmt_argvs(data, configs, extra):
+def nmt_argvs(data, configs, extra, preset="tiny-cpu"):
     dry = subprocess.run(["bash", str(ROOT / "scripts/train_translation.sh"), "none", str(data), "/tmp/bench_speed",
-                          "--dry-run"], capture_output=True, text=True, check=True).stdout
+                          "--dry-run", "--preset", preset], capture_output=True, text=True, check=True).stdout
     cmd = shlex.split(dry)
     cmd = cmd[cmd.index("fairseq-train") + 1:]
     i = cmd.index("--dump-weights")
@@ -214,6 +214,7 @@ def main(argv=None):
                         "compared: a round's mean then covers whole cycles of cheap and meta updates (a median over "
                         "single updates would report only the cheap ones)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    p.add_argument("--preset", default="tiny-cpu", help="nmt: the student preset of scripts/train_translation.sh")
     p.add_argument("--out", default=None, help="write OUT.md and OUT.json (default: print only)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile N updates of every configuration and print seconds per update by phase")
@@ -228,7 +229,7 @@ def main(argv=None):
         if not (Path(a.data) / "dict.en.txt").exists() and not list(Path(a.data).glob("meta.*.idx")):
             sys.exit(f"error: {a.data} is not a data-bin with a meta split: run scripts/prepare_multi30k.sh or "
                      "pass --data")
-        argvs, target = nmt_argvs(a.data, configs, extra), nmt_worker
+        argvs, target = nmt_argvs(a.data, configs, extra, a.preset), nmt_worker
     else:
         argvs, target = image_argvs(configs, extra), image_worker
     if a.rounds < 2:
