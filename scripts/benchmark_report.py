@@ -158,11 +158,9 @@ def main(argv=None):
             c = next((k for k, v in cond_name.items() if v == row.get("condition")), None)
             key = (c, row.get("method"), str(row.get("seed")))
             if key in R and R[key]["bleu"] is None:
-                R[key].update(bleu={"bleu": row["bleu"], "chrf": row.get("chrf")}, updates=None,
-                              ana={"auc_last": row["auc"]} if row.get("auc") is not None and not key[1].startswith(
-                                  "filter-") else R[key]["ana"],
-                              filter={"auc": row["auc"]} if key[1].startswith("filter-") and row.get("auc") is not None
-                              else R[key]["filter"])
+                R[key].update(bleu={"bleu": row["bleu"], "chrf": row.get("chrf")}, updates=None)
+                if row.get("auc") is not None:  # a filter's AUC is its score's; a method's, its weights'
+                    R[key]["filter" if key[1].startswith("filter-") else "ana"] = {"auc": row["auc"], "auc_last": row["auc"]}
                 carried.append(f"{key[0]}/{key[1]}/seed{key[2]}")
     done = sum(r["bleu"] is not None for r in R.values())
 

@@ -28,6 +28,16 @@ PLAIN_IMAGE = {"max_weight": None, "teacher_weight_decay": 0.0}
 OTHER_INPUTS = {"mwnet": "loss"}
 
 
+def _check(recipe: str) -> None:
+    if recipe not in RECIPES:
+        raise ValueError(f"--reweight-recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+
+
+def _cap(max_weight: Optional[float], default: Optional[float]) -> Optional[float]:
+    """An explicit --max-weight wins (0: no cap); unset: the recipe's."""
+    return default if max_weight is None else (None if max_weight == 0 else max_weight)
+
+
 def resolve(recipe: str, method: str, meta_grad: str, max_update: int, *, meta_refresh: Optional[int] = None,
             meta_ema: Optional[float] = None, max_weight: Optional[float] = None,
             meta_precondition: str = "auto", teacher_inputs: str = "auto",
@@ -37,15 +47,14 @@ def resolve(recipe: str, method: str, meta_grad: str, max_update: int, *, meta_r
     from the recipe. ``max_weight`` 0 means no cap; ``teacher_prior`` "none" means no prior. Flags of
     ``--meta-grad fast`` only stay plain with fd/exact, and ``teacher_lr`` stays unset for methods without a
     teacher, so that the checks of flags without effect do not fire on values the user did not set."""
-    if recipe not in RECIPES:
-        raise ValueError(f"--reweight-recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    _check(recipe)
     base = TUNED_DEEP if (recipe == "tuned" and method == "deep") else PLAIN
     fast_only = {"meta_refresh", "meta_ema", "meta_precondition"}
     default = {k: (PLAIN[k] if (k in fast_only and meta_grad != "fast") else v) for k, v in base.items()}
     out = {
         "meta_refresh": default["meta_refresh"] if meta_refresh is None else meta_refresh,
         "meta_ema": default["meta_ema"] if meta_ema is None else meta_ema,
-        "max_weight": default["max_weight"] if max_weight is None else (None if max_weight == 0 else max_weight),
+        "max_weight": _cap(max_weight, default["max_weight"]),
         "meta_precondition": default["meta_precondition"] if meta_precondition == "auto" else meta_precondition,
         "teacher_inputs": ((default["teacher_inputs"] if method == "deep" else OTHER_INPUTS.get(method, ""))
                            if teacher_inputs in (None, "auto") else teacher_inputs),
@@ -66,10 +75,9 @@ def resolve(recipe: str, method: str, meta_grad: str, max_update: int, *, meta_r
 def resolve_image(recipe: str, method: str, *, max_weight: Optional[float] = None,
                   teacher_weight_decay: Optional[float] = None) -> dict:
     """The image trainer's recipe-dependent flags (as :func:`resolve`: explicit values win, 0 = no cap)."""
-    if recipe not in RECIPES:
-        raise ValueError(f"--reweight-recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    _check(recipe)
     base = TUNED_DEEP_IMAGE if (recipe == "tuned" and method == "deep") else PLAIN_IMAGE
-    return {"max_weight": base["max_weight"] if max_weight is None else (None if max_weight == 0 else max_weight),
+    return {"max_weight": _cap(max_weight, base["max_weight"]),
             "teacher_weight_decay": (base["teacher_weight_decay"] if method in ("mwnet", "deep") else 0.0)
             if teacher_weight_decay is None else teacher_weight_decay}
 
