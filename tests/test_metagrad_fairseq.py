@@ -322,7 +322,8 @@ def test_teacher_length_ratio_feature(tiny_data):
 def test_teacher_source_contrast_feature(tiny_data):
     """--teacher-inputs ...,source_contrast: the per-token NLL increase of each target when the decoder reads the
     next sentence's source, against a reference computed by hand (re-encoding the rotated sources, the
-    model in eval mode); the training pass's dropout state and the RNG stream are left alone."""
+    model in eval mode), in eval and in training mode alike (the contrast has no dropout noise); the training pass's
+    dropout state and the RNG stream are left alone."""
     torch.manual_seed(0)
     cfg, task, model, criterion = build(tiny_data, extra=("--teacher-inputs", "states,token_stats,source_contrast,progress", "--dropout", "0.3"))
     sample = first_batch(task, "train", model)
@@ -339,16 +340,19 @@ def test_teacher_source_contrast_feature(tiny_data):
         order = torch.roll(torch.arange(sample["target"].size(0)), 1)
         rotated = dict(ni, src_tokens=ni["src_tokens"][order], src_lengths=ni["src_lengths"][order])
         ntok = sample["target"].ne(pad).sum(1)
-        want = (token_nll(rotated) - token_nll(ni)) / ntok
+        own_nll = token_nll(ni)
+        want = (token_nll(rotated) - own_nll) / ntok
     out = criterion.per_sentence(model, sample, task._resolve_layers(model))
     got = criterion.source_contrast(model, sample, out)
     assert torch.allclose(got, want, atol=1e-5), (got, want)
     assert want.abs().max() > 1e-3  # the sources matter to the (random) model: the check can fail
 
-    model.train()  # in training: dropout in the training pass, none in the contrast pass; RNG untouched
+    model.train()  # in training: dropout in the training pass, none in the contrast; RNG untouched
     out = criterion.per_sentence(model, sample, task._resolve_layers(model))
+    assert not torch.allclose(out.nll, own_nll, atol=1e-3)  # the training pass has dropout
     state = torch.get_rng_state()
     got = criterion.source_contrast(model, sample, out)
+    assert torch.allclose(got, want, atol=1e-5), (got, want)  # dropout in `out` does not reach the contrast
     assert torch.equal(state, torch.get_rng_state()) and model.training and model.decoder.training
     feats = task.teacher_features(out, 3, sample, got)
     assert torch.equal(feats[:, -2], got.float())  # just before training progress
