@@ -94,7 +94,7 @@ class ReweightedTranslationTask(TranslationTask):
             meta_refresh=cfg.meta_refresh, meta_ema=cfg.meta_ema, max_weight=cfg.max_weight,
             meta_precondition=str(cfg.meta_precondition), teacher_inputs=cfg.teacher_inputs,
             reweight_warmup=cfg.reweight_warmup, teacher_prior=cfg.teacher_prior,
-            teacher_prior_scale=cfg.teacher_prior_scale, teacher_lr=cfg.teacher_lr)
+            teacher_prior_scale=cfg.teacher_prior_scale, teacher_lr=cfg.teacher_lr, weight_norm=cfg.weight_norm)
         for k, v in resolved.items():
             setattr(cfg, k, v)
         # the recipe's Adam preconditioning falls back to none for a student optimizer without Adam moments
@@ -114,7 +114,7 @@ class ReweightedTranslationTask(TranslationTask):
             teacher_weight_decay=cfg.teacher_weight_decay,
             passthrough=inputs.passthrough(self.inputs, FEATURES),  # e.g. training progress, already in [0, 1]
             all_reduce=_all_reduce_sum, world_size=_rank_world()[1], seed=cfg.seed, max_weight=cfg.max_weight,
-            teacher_prior_scale=cfg.teacher_prior_scale)
+            teacher_prior_scale=cfg.teacher_prior_scale, weight_norm=str(cfg.weight_norm))
         self.strategy = strategies.build(
             cfg.meta_grad, self.reweighter, probe_layers=lambda: probe_layers(self._model, cfg.meta_params),
             refresh=cfg.meta_refresh, ema=cfg.meta_ema, precondition=str(cfg.meta_precondition),

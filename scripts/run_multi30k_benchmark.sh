@@ -149,13 +149,15 @@ prepare_filter() {  # COND METHOD SEED
         one_run "$cond" "$src" "$seed"
     fi
     if [[ "$score" == dual-xent ]]; then
-        bdir="$RUNS/$cond/backward/seed$seed"
+        # the backward model gets the forward scorer's budget: --warmup updates under --filter-scorer warmup
+        local bupd="$MAX_UPDATE"; [[ "$src" == none && "$FILTER_SCORER" == warmup ]] && bupd="$WARMUP"
+        bdir="$RUNS/$cond/backward$bupd/seed$seed"
         if ! grep -q "done training" "$bdir/train.log" 2>/dev/null; then
-            log "$cond/backward/seed$seed: training the target->source model for dual-xent -> $bdir"
+            log "$cond/backward$bupd/seed$seed: training the target->source model for dual-xent ($bupd updates) -> $bdir"
             mkdir -p "$bdir"
             # shellcheck disable=SC2086
             "$ROOT/scripts/train_translation.sh" none "$data" "$bdir" --preset "$PRESET" --seed "$seed" \
-                --max-update "$MAX_UPDATE" --threads "$THREADS" ${GPU:+--gpu} --source-lang en --target-lang de \
+                --max-update "$bupd" --threads "$THREADS" ${GPU:+--gpu} --source-lang en --target-lang de \
                 $TRAIN_ARGS > "$bdir/train.stdout" 2>&1 || die "training $cond/backward/seed$seed failed"
         fi
         extra=(--backward-path "$bdir/checkpoint_last.pt")

@@ -71,6 +71,9 @@ class ReweightConfig:
         "help": "fd only: finite-difference step relative to the parameter norm"})
     max_weight: Optional[float] = field(default=None, metadata={
         "help": "cap each normalised weight (mean 1 over the batch) at this value > 1; 0: no cap"})
+    weight_norm: Optional[choices(("batch", "running"))] = field(default=None, metadata={
+        "help": "batch: the teacher's outputs divided by their batch mean; running: by their mean over many "
+                "batches, so a batch of mostly bad examples gets little weight (default: the recipe's)"})
     teacher_lr: Optional[float] = field(default=None, metadata={"help": "teacher Adam lr (mwnet/deep; default 1e-3, the NMT tuned deep recipe 1e-4)"})
     teacher_hidden: int = field(default=100, metadata={"help": "teacher MLP hidden size"})
     teacher_weight_decay: float = field(default=0.0, metadata={
@@ -111,6 +114,11 @@ class ReweightConfig:
             if m in ("none", "l2rw") and value is not None:
                 raise ValueError(f"{flag} has no effect with --reweight-method {m} (no teacher): drop it, "
                                  "or use --reweight-method mwnet/deep")
+        if self.weight_norm is not None and str(self.weight_norm) not in ("batch", "running"):
+            raise ValueError(f"--weight-norm must be batch or running, got {self.weight_norm!r}")
+        if str(self.weight_norm) == "running" and m in ("none", "l2rw"):
+            raise ValueError(f"--weight-norm running divides a teacher's outputs by their running mean; "
+                             f"--reweight-method {m} has no teacher: drop it, or use mwnet/deep")
         if m == "l2rw" and self.meta_interval != 1:
             raise ValueError("l2rw computes weights from the meta-gradient at every update: drop --meta-interval")
         if self.meta_interval < 1:

@@ -16,10 +16,11 @@ from .config import RECIPES  # noqa: F401
 # what `tuned` sets for `deep` (flag -> value); `paper` and the other methods use the plain values
 TUNED_DEEP = {"meta_refresh": 4, "meta_ema": 0.9, "max_weight": 2.0, "meta_precondition": "adam",
               "teacher_inputs": "states,token_stats,source_contrast,progress", "warmup_fraction": 1 / 3,
-              "teacher_prior": "source_contrast", "teacher_prior_scale": 4.0, "teacher_lr": 1e-4}
+              "teacher_prior": "source_contrast", "teacher_prior_scale": 4.0, "teacher_lr": 1e-4,
+              "weight_norm": "batch"}
 PLAIN = {"meta_refresh": 1, "meta_ema": 0.0, "max_weight": None, "meta_precondition": "none",
          "teacher_inputs": "states,token_stats,progress", "warmup_fraction": 0.0,
-         "teacher_prior": "", "teacher_prior_scale": 2.0, "teacher_lr": 1e-3}
+         "teacher_prior": "", "teacher_prior_scale": 2.0, "teacher_lr": 1e-3, "weight_norm": "batch"}
 # images (Fashion-MNIST, 40 % uniform noise, 2 seeds, examples/image/max_weight/): the deep teacher capped at 2
 # and decayed (+3.2 points over none, weight AUC 0.93/0.94; uncapped and undecayed: AUC 0.87/0.79)
 TUNED_DEEP_IMAGE = {"max_weight": 2.0, "teacher_weight_decay": 3.0}
@@ -42,7 +43,8 @@ def resolve(recipe: str, method: str, meta_grad: str, max_update: int, *, meta_r
             meta_ema: Optional[float] = None, max_weight: Optional[float] = None,
             meta_precondition: str = "auto", teacher_inputs: str = "auto",
             reweight_warmup: Optional[int] = None, teacher_prior: str = "auto",
-            teacher_prior_scale: Optional[float] = None, teacher_lr: Optional[float] = None) -> dict:
+            teacher_prior_scale: Optional[float] = None, teacher_lr: Optional[float] = None,
+            weight_norm: Optional[str] = None) -> dict:
     """The values of the recipe-dependent flags: the explicit ones (not None / "auto") as given, the others
     from the recipe. ``max_weight`` 0 means no cap; ``teacher_prior`` "none" means no prior. Flags of
     ``--meta-grad fast`` only stay plain with fd/exact, and ``teacher_lr`` stays unset for methods without a
@@ -61,6 +63,7 @@ def resolve(recipe: str, method: str, meta_grad: str, max_update: int, *, meta_r
         "teacher_lr": ((default["teacher_lr"] if method in ("mwnet", "deep") else None)
                        if teacher_lr is None else teacher_lr),
         "teacher_prior_scale": default["teacher_prior_scale"] if teacher_prior_scale is None else teacher_prior_scale,
+        "weight_norm": default["weight_norm"] if weight_norm is None else str(weight_norm),
         "reweight_warmup": (int(round(default["warmup_fraction"] * max_update)) if max_update and max_update > 0
                             else 0) if reweight_warmup is None else reweight_warmup,
     }
@@ -73,13 +76,14 @@ def resolve(recipe: str, method: str, meta_grad: str, max_update: int, *, meta_r
 
 
 def resolve_image(recipe: str, method: str, *, max_weight: Optional[float] = None,
-                  teacher_weight_decay: Optional[float] = None) -> dict:
+                  teacher_weight_decay: Optional[float] = None, weight_norm: Optional[str] = None) -> dict:
     """The image trainer's recipe-dependent flags (as :func:`resolve`: explicit values win, 0 = no cap)."""
     _check(recipe)
     base = TUNED_DEEP_IMAGE if (recipe == "tuned" and method == "deep") else PLAIN_IMAGE
     return {"max_weight": _cap(max_weight, base["max_weight"]),
             "teacher_weight_decay": (base["teacher_weight_decay"] if method in ("mwnet", "deep") else 0.0)
-            if teacher_weight_decay is None else teacher_weight_decay}
+            if teacher_weight_decay is None else teacher_weight_decay,
+            "weight_norm": "batch" if weight_norm is None else str(weight_norm)}
 
 
 def describe(values: dict) -> str:

@@ -38,6 +38,8 @@ from .metagrad import MetaGrad
 from .teacher import Teacher
 from .weights import check_max_weight, l2rw_weights, normalize
 
+WEIGHT_NORMS = ("batch", "running")
+
 
 
 class Reweighter:
@@ -56,12 +58,16 @@ class Reweighter:
         max_weight: Optional[float] = None,
         teacher_weight_decay: float = 0.0,
         teacher_prior_scale: float = 2.0,
+        weight_norm: str = "batch",
     ):
         if str(method) not in METHODS:
             raise ValueError(f"unknown reweighting method {method!r}; choose one of {', '.join(METHODS)}")
         if meta_interval < 1:
             raise ValueError(f"meta interval must be >= 1, got {meta_interval}")
         check_max_weight(max_weight)
+        if weight_norm not in WEIGHT_NORMS:
+            raise ValueError(f"--weight-norm must be one of {', '.join(WEIGHT_NORMS)}, got {weight_norm!r}")
+        self.weight_norm = weight_norm  # batch: mean one per batch; running: divided by the teacher's running mean
         self.method = str(method)
         self.max_weight = max_weight  # cap of the normalised weights (None: no cap), see weights.normalize
         self.meta_interval = meta_interval
@@ -110,7 +116,8 @@ class Reweighter:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
                 self.teacher = Teacher(in_dim, self.teacher_hidden, self.teacher_layers, self.passthrough,
-                                       self.teacher_prior, self.teacher_prior_scale).to(device)
+                                       self.teacher_prior, self.teacher_prior_scale,
+                                       running_output=self.weight_norm == "running").to(device)
             if self.teacher_weight_decay > 0:  # the decay pulls the MLP towards zero, not the prior's scale
                 prior = [p for n, p in self.teacher.named_parameters() if n == "prior_scale"]
                 rest = [p for n, p in self.teacher.named_parameters() if n != "prior_scale"]
@@ -127,10 +134,19 @@ class Reweighter:
                         f"gives {in_dim}: resume with the same --teacher-states/architecture, or start a "
                         "fresh teacher with --reset-teacher"
                     )
+                saved_running = any(k.startswith("out_norm.") for k in state["teacher"])
+                if saved_running != (self.weight_norm == "running"):
+                    raise ValueError(
+                        f"the checkpoint's teacher was trained with --weight-norm "
+                        f"{'running' if saved_running else 'batch'} but this run uses --weight-norm "
+                        f"{self.weight_norm}: resume with the same --weight-norm, or --reset-teacher")
                 self.teacher.load_state_dict(state["teacher"])
                 self.optimizer.load_state_dict(state["optimizer"])  # moves its state to `device`
                 pending = state.get("pending_moments")
                 self.teacher.norm._acc = None if pending is None else pending.to(device)
+                pending = state.get("pending_output")
+                if self.teacher.out_norm is not None:
+                    self.teacher.out_norm._acc = None if pending is None else pending.to(device)
         elif self.teacher.in_dim != in_dim:
             raise ValueError(f"teacher built for {self.teacher.in_dim} features, got {in_dim}")
         return self.teacher
@@ -147,6 +163,7 @@ class Reweighter:
             "meta_skipped": self.meta_skipped,
             # input moments of batches since the last meta update (--meta-interval > 1), for an exact resume
             "pending_moments": self.teacher.norm._acc,
+            "pending_output": None if self.teacher.out_norm is None else self.teacher.out_norm._acc,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -193,7 +210,7 @@ class Reweighter:
         self.accumulate(w_graph, meta_grad_fn(w), info)
         self.step_teacher()
         with torch.no_grad():
-            return normalize(self.teacher(features.detach().float()), self.max_weight), info
+            return self._normalize(self.teacher(features.detach().float())), info
 
     def l2rw(self, mg: MetaGrad, info: Dict[str, float]) -> torch.Tensor:
         """L2RW weights from the meta-gradient at ``w = 0`` (uniform if no example helps)."""
@@ -212,10 +229,21 @@ class Reweighter:
         feats = features.detach().float()
         teacher.norm.accumulate(feats[:, : feats.shape[1] - teacher.passthrough])  # folded in by end_update
         if self.is_meta_step(step):
-            w = normalize(teacher(feats), self.max_weight)
+            w = self._normalize(teacher(feats), accumulate=True)
             return w.detach(), w
         with torch.no_grad():
-            return normalize(teacher(feats), self.max_weight), None
+            return self._normalize(teacher(feats), accumulate=True), None
+
+    def _normalize(self, raw: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
+        """The teacher's output -> the batch's weights (``--weight-norm``); ``accumulate``: the output's mean
+        over batches takes this batch in (folded in by :meth:`end_update`)."""
+        out_norm = self.teacher.out_norm
+        if out_norm is None:
+            return normalize(raw, self.max_weight)
+        if accumulate:
+            out_norm.accumulate(raw.detach()[:, None])
+        scale = self.teacher.output_scale()
+        return normalize(raw, self.max_weight, scale=scale)
 
     def accumulate(self, w: torch.Tensor, mg: MetaGrad, info: Dict[str, float]) -> bool:
         """Back-propagate ``dL_meta/dw`` through the weights ``w`` into the teacher's gradients."""
@@ -231,6 +259,8 @@ class Reweighter:
         if self.teacher is None:
             return
         self.teacher.norm.commit(self.all_reduce if self.world_size > 1 else None)
+        if self.teacher.out_norm is not None:
+            self.teacher.out_norm.commit(self.all_reduce if self.world_size > 1 else None)
 
     def step_teacher(self) -> None:
         """Take one teacher step from the accumulated gradients. Call it once per meta update on every

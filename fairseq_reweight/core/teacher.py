@@ -99,13 +99,16 @@ class Teacher(nn.Module):
     The last ``passthrough`` input columns (already bounded features such as training progress
     or a one-hot label) skip the input standardisation.
 
+    ``running_output``: keep the running mean of the output over batches (``output_scale``), which
+    ``--weight-norm running`` divides the output by instead of its batch mean.
+
     ``prior``: the index of a standardised input column the teacher starts from: ``prior_scale`` (learned, from
     its initial value) times that column's standardised value (clipped to [-3, 3]) is added to the logit, so the
     teacher ranks by that input from its first step and the meta-gradient corrects it from there.
     """
 
     def __init__(self, in_dim: int, hidden: int = 100, num_layers: int = 1, passthrough: int = 0,
-                 prior: Optional[int] = None, prior_scale: float = 2.0):
+                 prior: Optional[int] = None, prior_scale: float = 2.0, running_output: bool = False):
         super().__init__()
         if not 0 <= passthrough <= in_dim:
             raise ValueError(f"passthrough={passthrough} must be within [0, in_dim={in_dim}]")
@@ -115,6 +118,8 @@ class Teacher(nn.Module):
         if prior is not None:
             self.prior_scale = nn.Parameter(torch.tensor(float(prior_scale)))
         self.norm = RunningNorm(in_dim - passthrough)
+        # --weight-norm running: the running mean of the output over batches, which divides it into the weights
+        self.out_norm = RunningNorm(1, momentum=0.02) if running_output else None
         layers, d = [], in_dim
         for _ in range(num_layers):
             layers += [nn.Linear(d, hidden), nn.ReLU()]
@@ -123,6 +128,12 @@ class Teacher(nn.Module):
         self.out = nn.Linear(d, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+
+    def output_scale(self) -> Optional[torch.Tensor]:
+        """The running mean of the output (None: batch normalisation, or no batch folded in yet)."""
+        if self.out_norm is None or int(self.out_norm.count) == 0:
+            return None
+        return self.out_norm.mean[0]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.dim() != 2 or features.shape[1] != self.in_dim:

@@ -27,9 +27,21 @@ from typing import Optional, Tuple
 import torch
 
 
-def normalize(raw: torch.Tensor, max_weight: Optional[float] = None, eps: float = 1e-12) -> torch.Tensor:
+def normalize(raw: torch.Tensor, max_weight: Optional[float] = None, eps: float = 1e-12,
+              scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean-one normalisation over the batch, capped at ``max_weight`` (water-filling); differentiable (used
-    inside the meta-gradient; a capped example's gradient is zero, the exact gradient of the water-filling)."""
+    inside the meta-gradient; a capped example's gradient is zero, the exact gradient of the water-filling).
+
+    ``scale`` (``--weight-norm running``): the weights are ``raw / scale`` (capped at ``max_weight``), ``scale``
+    the teacher's mean output over many batches, so a batch of mostly bad examples gets little total weight
+    instead of mean one; the gradient stays that of the batch normalisation (a straight-through value), so the
+    teacher still only learns how to rank the examples of a batch, not to raise or lower every weight."""
+    if scale is not None:
+        w = normalize(raw, max_weight, eps)
+        value = raw.detach() / scale.clamp_min(eps)
+        if max_weight is not None:
+            value = value.clamp_max(max_weight)
+        return w + (value - w).detach()
     n = raw.numel()
     w = raw * (n / raw.sum().clamp_min(eps))
     if max_weight is None or n == 0 or not bool((w.detach() > max_weight).any()):

@@ -93,7 +93,8 @@ class TrainConfig(ReweightConfig):
 def check_config(cfg: TrainConfig) -> None:
     m = cfg.reweight_method
     for k, v in recipe.resolve_image(str(cfg.reweight_recipe), str(m), max_weight=cfg.max_weight,
-                                     teacher_weight_decay=cfg.teacher_weight_decay).items():
+                                     teacher_weight_decay=cfg.teacher_weight_decay,
+                                     weight_norm=cfg.weight_norm).items():
         setattr(cfg, k, v)
     cfg.validate()
     if str(cfg.meta_precondition) == "adam":
@@ -167,7 +168,8 @@ class Trainer:
                                      passthrough=student.passthrough(cfg.reweight_method, self.num_classes),
                                      all_reduce=_all_reduce_sum if self.world > 1 else None, world_size=self.world,
                                      seed=cfg.seed, max_weight=cfg.max_weight,
-                                     teacher_weight_decay=cfg.teacher_weight_decay, warmup=cfg.reweight_warmup or 0)
+                                     teacher_weight_decay=cfg.teacher_weight_decay, warmup=cfg.reweight_warmup or 0,
+                                     weight_norm=str(cfg.weight_norm))
         self.layers = (student.parse_teacher_states(cfg.teacher_states, self.model.num_states)
                        if cfg.reweight_method == "deep" else [])
         student.probe_layers(self.model, cfg.meta_params)  # a bad --meta-params fails here, not at the first update
