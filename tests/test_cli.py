@@ -131,6 +131,7 @@ def test_finetune_plain_translation_checkpoint(tiny_data, tmp_path):
     (["--meta-grad", "fd", "--meta-ema", "0.9"], "--meta-refresh/--meta-ema reuse and average the meta direction"),
     (["--reweight-method", "none", "--max-weight", "2"], "--max-weight caps the weights of a reweighting method"),
     (["--max-weight", "1"], "--max-weight must be > 1"),
+    (["--reweight-method", "l2rw", "--weight-norm", "running"], "--weight-norm running divides a teacher's outputs"),
 ])
 def test_clear_errors(tiny_data, tmp_path, extra, message):
     cmd = train_cmd(tiny_data, tmp_path / "ck", "deep", max_update=2)

@@ -539,3 +539,63 @@ def test_teacher_prior_ranks_by_its_input_from_the_start_and_learns_its_scale():
     assert t.prior_scale.grad is not None and t.prior_scale.grad.abs() > 0
     with pytest.raises(ValueError, match="prior column 4 must be a standardised input"):
         Teacher(5, passthrough=1, prior=4)
+
+
+def test_normalize_running_scale_keeps_the_batch_gradient_and_lets_bad_batches_weigh_less():
+    """--weight-norm running: the weights are the teacher's outputs divided by their mean over batches (capped),
+    so a batch of low outputs keeps a low total weight instead of mean one; the gradient is the batch
+    normalisation's (checked against finite differences of the batch-normalised objective)."""
+    g = torch.Generator().manual_seed(0)
+    raw = (torch.rand(12, generator=g, dtype=torch.float64) * 0.2).requires_grad_()
+    scale = torch.tensor(0.5, dtype=torch.float64)
+    w = normalize(raw, max_weight=2.0, scale=scale)
+    assert torch.allclose(w.detach(), (raw.detach() / 0.5).clamp_max(2.0))
+    assert float(w.mean()) < 0.25 and float(normalize(raw.detach(), max_weight=2.0).mean()) == pytest.approx(1.0)
+    big = torch.tensor([0.1, 5.0, 0.2], dtype=torch.float64)
+    assert float(normalize(big, max_weight=2.0, scale=torch.tensor(1.0, dtype=torch.float64)).max()) == 2.0
+    c = torch.randn(12, generator=g, dtype=torch.float64)
+    (w * c).sum().backward()
+    eps, fd = 1e-6, torch.zeros(12, dtype=torch.float64)
+    for i in range(12):
+        e = torch.zeros(12, dtype=torch.float64)
+        e[i] = eps
+        fd[i] = ((normalize(raw.detach() + e, 2.0) * c).sum() - (normalize(raw.detach() - e, 2.0) * c).sum()) / (2 * eps)
+    assert torch.allclose(raw.grad, fd, atol=1e-6)
+
+
+def test_reweighter_running_weight_norm_tracks_the_output_mean_and_resumes():
+    """The running mean of the teacher's output starts from the first update's batch mean and moves by 2 % per
+    update; it is saved with the teacher, and a checkpoint of the other normalisation is refused."""
+    torch.manual_seed(0)
+    rw = Reweighter("deep", weight_norm="running", teacher_prior_scale=4.0)
+    rw.teacher_prior = 0
+    batches = [torch.randn(16, 3) + torch.tensor([float(i % 3) - 1.0, 0.0, 0.0]) for i in range(5)]
+    w0, _ = rw.teacher_weights(1, batches[0])  # first batch: nothing folded in yet, so batch normalisation
+    assert float(w0.mean()) == pytest.approx(1.0)
+    with torch.no_grad():
+        expected = float(rw.teacher(batches[0]).mean())  # the output mean at the inputs' moments of that update
+    rw.end_update()
+    assert float(rw.teacher.output_scale()) == pytest.approx(expected, rel=1e-5)
+    for i, x in enumerate(batches[1:], 2):
+        with torch.no_grad():
+            raw = rw.teacher(x)
+        w, _ = rw.teacher_weights(i, x)
+        assert torch.allclose(w, (raw / rw.teacher.output_scale()).clamp_max(float("inf")), atol=1e-6)
+        rw.end_update()
+        expected = 0.98 * expected + 0.02 * float(raw.mean())
+        assert float(rw.teacher.output_scale()) == pytest.approx(expected, rel=1e-4)
+    means = [float(rw.teacher_weights(9, x)[0].mean()) for x in batches[:3]]
+    assert max(means) - min(means) > 0.1  # batches differ in total weight (batch normalisation: all 1)
+    state = rw.state_dict()
+    again = Reweighter("deep", weight_norm="running", teacher_prior_scale=4.0)
+    again.teacher_prior = 0
+    again.load_state_dict(state)
+    again.ensure_teacher(3, torch.device("cpu"))
+    assert float(again.teacher.output_scale()) == pytest.approx(float(rw.teacher.output_scale()))
+    other = Reweighter("deep", teacher_prior_scale=4.0)
+    other.teacher_prior = 0
+    other.load_state_dict(state)
+    with pytest.raises(ValueError, match="--weight-norm running but this run uses --weight-norm batch"):
+        other.ensure_teacher(3, torch.device("cpu"))
+    with pytest.raises(ValueError, match="--weight-norm must be one of batch, running"):
+        Reweighter("deep", weight_norm="global")
