@@ -2,8 +2,9 @@
 
 ``tuned`` (the default) is the best configuration measured for ``deep`` on noisy Multi30k (README, Results):
 a plain warm-up of the first third of ``--max-update``, source contrast among the teacher's inputs, a fresh
-meta direction every 4 meta updates averaged with decay 0.9, weights capped at 2, and the meta direction
-preconditioned like the student's Adam step. ``paper`` is Fan et al. (2021) as published: no warm-up, the
+meta direction every 4 meta updates averaged with decay 0.9, weights capped at 2 and divided by the teacher's
+running mean output (not the batch mean: fairseq's length-bucketed batches of mostly misaligned pairs would
+otherwise get mean weight one), and the meta direction preconditioned like the student's Adam step. ``paper`` is Fan et al. (2021) as published: no warm-up, the
 teacher on decoder states, token-loss statistics and progress, a fresh meta direction every update, no
 cap, the raw look-ahead direction. ``l2rw`` and ``mwnet`` keep their published forms under both recipes.
 A flag given explicitly always wins over the recipe.
@@ -17,7 +18,7 @@ from .config import RECIPES  # noqa: F401
 TUNED_DEEP = {"meta_refresh": 4, "meta_ema": 0.9, "max_weight": 2.0, "meta_precondition": "adam",
               "teacher_inputs": "states,token_stats,source_contrast,progress", "warmup_fraction": 1 / 3,
               "teacher_prior": "source_contrast", "teacher_prior_scale": 4.0, "teacher_lr": 1e-4,
-              "weight_norm": "batch"}
+              "weight_norm": "running"}
 PLAIN = {"meta_refresh": 1, "meta_ema": 0.0, "max_weight": None, "meta_precondition": "none",
          "teacher_inputs": "states,token_stats,progress", "warmup_fraction": 0.0,
          "teacher_prior": "", "teacher_prior_scale": 2.0, "teacher_lr": 1e-3, "weight_norm": "batch"}
