@@ -144,23 +144,29 @@ class ReweightedLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCrit
         if bsz < 2:
             return out.nll.new_zeros(bsz)
         was_training = inner.training
+        # in eval mode (scoring) the pass that gave `out` had no dropout: only the rotated sources are new
+        reuse = not was_training and out.encoder_out is not None
         try:
             with torch.no_grad():
                 inner.eval()
-                encoder_out = inner.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+                encoder_out = out.encoder_out if reuse else inner.encoder(
+                    net_input["src_tokens"], src_lengths=net_input["src_lengths"])
                 own = torch.arange(bsz, device=sample["target"].device)
-                both = inner.encoder.reorder_encoder_out(encoder_out, torch.cat([own, torch.roll(own, 1)]))
-                prev = net_input["prev_output_tokens"].repeat(2, 1)
-                features, extra = inner.decoder.extract_features(prev, encoder_out=both)
+                order = torch.roll(own, 1) if reuse else torch.cat([own, torch.roll(own, 1)])
+                copies = 1 if reuse else 2
+                reordered = inner.encoder.reorder_encoder_out(encoder_out, order)
+                prev = net_input["prev_output_tokens"].repeat(copies, 1)
+                features, extra = inner.decoder.extract_features(prev, encoder_out=reordered)
                 lprobs = inner.get_normalized_probs((inner.decoder.output_layer(features), extra), log_probs=True)
                 if self.ignore_prefix_size > 0:
                     lprobs = lprobs[:, self.ignore_prefix_size:]
-                target = sample["target"][:, self.ignore_prefix_size:].repeat(2, 1)
-                nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1) * out.mask.repeat(2, 1).to(lprobs.dtype)
+                target = sample["target"][:, self.ignore_prefix_size:].repeat(copies, 1)
+                nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1) * out.mask.repeat(copies, 1).to(lprobs.dtype)
                 nll = nll.sum(1)
         finally:
             inner.train(was_training)
-        return (nll[bsz:] - nll[:bsz]) / out.mask.sum(1).clamp_min(1).to(nll.dtype)
+        own_nll = out.nll.detach().to(nll.dtype) if reuse else nll[:bsz]
+        return (nll[-bsz:] - own_nll) / out.mask.sum(1).clamp_min(1).to(nll.dtype)
 
     def logging_output(self, model, sample, out: SentenceOutput, weights: torch.Tensor) -> Dict[str, float]:
         """fairseq's logging dict for a weighted batch: ``loss`` is the weighted objective,
