@@ -402,6 +402,21 @@ def test_cli_trains_each_method(method, fashion, tmp_path):
         assert w.max() <= 2.0 + 1e-5
 
 
+def test_cli_weight_norm_running(fashion, tmp_path):
+    """--weight-norm running on images (the same core as NMT): after the first update the batch means of the
+    weights are the teacher's outputs over their running mean, no longer 1 in every batch."""
+    dump = tmp_path / "w.tsv"
+    summary = main(tiny_args(fashion, tmp_path / "run", "mwnet", "--dump-weights", str(dump), "--weight-norm",
+                             "running", "--max-weight", "3"))
+    assert summary["finished"] and summary["updates"] == 10
+    rows = [line.split("\t") for line in dump.read_text().splitlines()[1:]]
+    w = np.array([float(r[2]) for r in rows]).reshape(10, 20)
+    assert w[0].mean() == pytest.approx(1.0, abs=1e-4)  # first update: nothing to average yet
+    assert np.abs(w[1:].mean(1) - 1).max() > 1e-3 and w.max() <= 3.0 + 1e-5
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert log["config"]["weight_norm"] == "running"
+
+
 def test_image_recipe_paper_and_explicit_flags():
     """--reweight-recipe paper: Fan et al.'s uncapped, undecayed teacher; explicit flags win over the recipe
     (--max-weight 0: no cap)."""
