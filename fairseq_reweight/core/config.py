@@ -154,7 +154,8 @@ def add_arguments(parser, cls=ReweightConfig, exclude: Sequence[str] = (), defau
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=bool(default), help=help_)
         elif isinstance(kind, type) and issubclass(kind, Enum):
-            parser.add_argument(flag, choices=[m.value for m in kind], default=str(default), help=help_)
+            parser.add_argument(flag, choices=[m.value for m in kind], default=None if default is None else str(default),
+                                help=help_)
         else:
             parser.add_argument(flag, type=kind, default=default, help=help_)
 
