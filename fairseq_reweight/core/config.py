@@ -13,6 +13,7 @@ from .weights import check_max_weight
 METHODS = ("none", "l2rw", "mwnet", "deep")
 META_GRADS = ("fast", "fd", "exact")
 RECIPES = ("tuned", "paper")
+WEIGHT_NORMS = ("batch", "running")
 
 
 class _ChoiceMeta(EnumMeta):
@@ -71,7 +72,7 @@ class ReweightConfig:
         "help": "fd only: finite-difference step relative to the parameter norm"})
     max_weight: Optional[float] = field(default=None, metadata={
         "help": "cap each normalised weight (mean 1 over the batch) at this value > 1; 0: no cap"})
-    weight_norm: Optional[choices(("batch", "running"))] = field(default=None, metadata={
+    weight_norm: Optional[choices(WEIGHT_NORMS)] = field(default=None, metadata={
         "help": "batch: the teacher's outputs divided by their batch mean; running: by their mean over many "
                 "batches, so a batch of mostly bad examples gets little weight (default: the recipe's)"})
     teacher_lr: Optional[float] = field(default=None, metadata={"help": "teacher Adam lr (mwnet/deep; default 1e-3, the NMT tuned deep recipe 1e-4)"})
@@ -114,7 +115,7 @@ class ReweightConfig:
             if m in ("none", "l2rw") and value is not None:
                 raise ValueError(f"{flag} has no effect with --reweight-method {m} (no teacher): drop it, "
                                  "or use --reweight-method mwnet/deep")
-        if self.weight_norm is not None and str(self.weight_norm) not in ("batch", "running"):
+        if self.weight_norm is not None and str(self.weight_norm) not in WEIGHT_NORMS:
             raise ValueError(f"--weight-norm must be batch or running, got {self.weight_norm!r}")
         if str(self.weight_norm) == "running" and m in ("none", "l2rw"):
             raise ValueError(f"--weight-norm running divides a teacher's outputs by their running mean; "

@@ -33,12 +33,10 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .config import METHODS
+from .config import METHODS, WEIGHT_NORMS
 from .metagrad import MetaGrad
 from .teacher import Teacher
 from .weights import check_max_weight, l2rw_weights, normalize
-
-WEIGHT_NORMS = ("batch", "running")
 
 
 

@@ -37,10 +37,12 @@ def normalize(raw: torch.Tensor, max_weight: Optional[float] = None, eps: float 
     instead of mean one; the gradient stays that of the batch normalisation (a straight-through value), so the
     teacher still only learns how to rank the examples of a batch, not to raise or lower every weight."""
     if scale is not None:
-        w = normalize(raw, max_weight, eps)
         value = raw.detach() / scale.clamp_min(eps)
         if max_weight is not None:
             value = value.clamp_max(max_weight)
+        if not raw.requires_grad:  # no teacher gradient wanted: the batch normalisation is not needed
+            return value
+        w = normalize(raw, max_weight, eps)
         return w + (value - w).detach()
     n = raw.numel()
     w = raw * (n / raw.sum().clamp_min(eps))
