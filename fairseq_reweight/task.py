@@ -7,6 +7,7 @@ calls the meta-gradient strategy of ``--meta-grad`` (core/strategies/); all rewe
 :mod:`fairseq_reweight.core`, the split checks in splits.py, the probed layers in layers.py.
 """
 
+import atexit
 import logging
 import math
 import os
@@ -125,6 +126,8 @@ class ReweightedTranslationTask(TranslationTask):
         self._layers: Optional[List[int]] = None
         self._dumper: Optional[WeightDumper] = None
         self._restored = self._sync_logged = False
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            atexit.register(_destroy_process_group)
 
     @staticmethod
     def _check_flags(cfg):
@@ -438,3 +441,11 @@ def _all_reduce_sum(t: torch.Tensor) -> None:
     """In-place sum over data-parallel workers (the teacher's gradients and input moments)."""
     if _rank_world()[1] > 1:
         torch.distributed.all_reduce(t)
+
+
+def _destroy_process_group() -> None:
+    """At interpreter exit, before finalisation: fairseq-train leaves the process group alive, and gloo's worker
+    threads torn down during finalisation can abort a finished worker (SIGABRT, "terminate called without an
+    active exception"; pytorch/pytorch#190489), so a torchrun job that trained to the end reports a failure."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

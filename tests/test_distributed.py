@@ -104,6 +104,29 @@ def test_torch_ddp_forward_goes_through_the_wrapper(tiny_data):
         dist.destroy_process_group()
 
 
+def test_process_group_is_destroyed_before_the_interpreter_exits(tiny_data, tmp_path):
+    """fairseq-train leaves the process group alive; gloo's threads torn down during interpreter finalisation
+    can then abort a worker that finished training (SIGABRT). The task destroys the group at exit, before
+    finalisation: a handler registered before the task's runs after it and sees the group gone."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = tmp_path / "exit.py"
+    script.write_text(
+        "import atexit, sys\n"
+        "import torch.distributed as dist\n"
+        f"dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)\n"
+        "atexit.register(lambda: print('group alive after the task exit handler:', dist.is_initialized()))\n"
+        f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+        "from test_metagrad_fairseq import build\n"
+        f"build({str(tiny_data)!r})\n")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "group alive after the task exit handler: False" in p.stdout, p.stdout[-2000:]
+
+
 def test_update_freq_steps_the_teacher_once_per_update(tiny_data, tmp_path):
     out = run(train_cmd(tiny_data, tmp_path / "run", "deep", max_update=5, extra=["--update-freq", "3"])).stdout
     state = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)
