@@ -601,3 +601,60 @@ def test_reweighter_running_weight_norm_tracks_the_output_mean_and_resumes():
         other.ensure_teacher(3, torch.device("cpu"))
     with pytest.raises(ValueError, match="--weight-norm must be one of batch, running"):
         Reweighter("deep", weight_norm="global")
+
+
+def _teacher_grads(rw, x, g):
+    """The teacher's parameter gradients after back-propagating the meta-gradient ``g`` of batch ``x``."""
+    rw.zero_teacher_grad()
+    _, w_graph = rw.teacher_weights(5, x)
+    rw.accumulate(w_graph, MetaGrad(g, torch.tensor(1.0)), {})
+    return {n: p.grad.clone() for n, p in rw.teacher.named_parameters() if p.grad is not None}
+
+
+def test_running_grad_weight_norm_is_the_gradient_of_the_running_division():
+    """--weight-norm running-grad: the values are those of running (raw / running mean, capped), and the teacher's
+    gradient is that of sum_i (g_i - m) raw_i / s, with g the batch's meta-gradient (unit RMS) and m the running
+    mean of g_i w_i over examples (folded in per update, saved with the teacher). A meta-gradient that is the same
+    for every example of a batch moves that batch's weights as a whole: the batch normalisation's gradient (both
+    other normalisations) is exactly zero there, so they never learn weight levels across batches."""
+    torch.manual_seed(0)
+    x0, x = torch.randn(16, 3), torch.randn(16, 3) + 0.5
+    rws = {}
+    for norm in ("running", "running-grad"):
+        torch.manual_seed(0)
+        rw = rws[norm] = Reweighter("deep", weight_norm=norm, teacher_prior_scale=4.0)
+        rw.teacher_prior = 0
+        rw.teacher_weights(1, x0)  # builds the teacher, folds the first batch's outputs into the running mean
+        rw.end_update()
+    a, b = rws["running"], rws["running-grad"]
+    with torch.no_grad():
+        raw, s = b.teacher(x), b.teacher.output_scale()
+    assert torch.allclose(a.teacher_weights(5, x)[0], b.teacher_weights(5, x)[0])  # the same values
+    g = torch.randn(16)
+    gb = _teacher_grads(b, x, g)
+    # reference: autograd of sum_i (g_i - m) raw_i / s, with m = mean(g_hat w) of this (first) batch
+    g_hat = g / g.pow(2).mean().sqrt()
+    m = (g_hat * (raw / s)).mean()
+    b.teacher.zero_grad()
+    (((g_hat - m) * b.teacher(x)) / s).sum().backward()
+    for n, p in b.teacher.named_parameters():
+        assert torch.allclose(gb[n], p.grad, atol=1e-6), n
+    b.end_update()
+    assert float(b.teacher.grad_centre.mean[0]) == pytest.approx(float(m), rel=1e-5)  # folded in by end_update
+    # a constant meta-gradient: zero teacher gradient under the batch normalisation's, not under running-grad
+    const = torch.full((16,), -1.0)
+    ga, gb2 = _teacher_grads(a, x, const), _teacher_grads(b, x, const)
+    assert max(float(v.abs().max()) for v in ga.values()) < 1e-6
+    assert max(float(v.abs().max()) for v in gb2.values()) > 1e-3
+    # saved and restored with the teacher; the other running normalisation refuses its checkpoint
+    state = b.state_dict()
+    again = Reweighter("deep", weight_norm="running-grad", teacher_prior_scale=4.0)
+    again.teacher_prior = 0
+    again.load_state_dict(state)
+    again.ensure_teacher(3, torch.device("cpu"))
+    assert torch.equal(again.teacher.grad_centre.mean, b.teacher.grad_centre.mean)
+    other = Reweighter("deep", weight_norm="running", teacher_prior_scale=4.0)
+    other.teacher_prior = 0
+    other.load_state_dict(state)
+    with pytest.raises(ValueError, match="--weight-norm running-grad but this run uses --weight-norm running"):
+        other.ensure_teacher(3, torch.device("cpu"))

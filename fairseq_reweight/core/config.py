@@ -13,7 +13,7 @@ from .weights import check_max_weight
 METHODS = ("none", "l2rw", "mwnet", "deep")
 META_GRADS = ("fast", "fd", "exact")
 RECIPES = ("tuned", "paper")
-WEIGHT_NORMS = ("batch", "running")
+WEIGHT_NORMS = ("batch", "running", "running-grad")
 
 
 class _ChoiceMeta(EnumMeta):
@@ -74,7 +74,9 @@ class ReweightConfig:
         "help": "cap each normalised weight (mean 1 over the batch) at this value > 1; 0: no cap"})
     weight_norm: Optional[choices(WEIGHT_NORMS)] = field(default=None, metadata={
         "help": "batch: the teacher's outputs divided by their batch mean; running: by their mean over many "
-                "batches, so a batch of mostly bad examples gets little weight (default: the recipe's)"})
+                "batches, so a batch of mostly bad examples gets little weight; running-grad: as running, and the "
+                "teacher's gradient is that division's (meta-gradient centred by its running mean), so weight "
+                "levels across batches are learned too (default: the recipe's)"})
     teacher_lr: Optional[float] = field(default=None, metadata={"help": "teacher Adam lr (mwnet/deep; default 1e-3, the NMT tuned deep recipe 1e-4)"})
     teacher_hidden: int = field(default=100, metadata={"help": "teacher MLP hidden size"})
     teacher_weight_decay: float = field(default=0.0, metadata={
@@ -116,9 +118,9 @@ class ReweightConfig:
                 raise ValueError(f"{flag} has no effect with --reweight-method {m} (no teacher): drop it, "
                                  "or use --reweight-method mwnet/deep")
         if self.weight_norm is not None and str(self.weight_norm) not in WEIGHT_NORMS:
-            raise ValueError(f"--weight-norm must be batch or running, got {self.weight_norm!r}")
-        if str(self.weight_norm) == "running" and m in ("none", "l2rw"):
-            raise ValueError(f"--weight-norm running divides a teacher's outputs by their running mean; "
+            raise ValueError(f"--weight-norm must be one of {', '.join(WEIGHT_NORMS)}, got {self.weight_norm!r}")
+        if str(self.weight_norm).startswith("running") and m in ("none", "l2rw"):
+            raise ValueError(f"--weight-norm {self.weight_norm} divides a teacher's outputs by their running mean; "
                              f"--reweight-method {m} has no teacher: drop it, or use mwnet/deep")
         if m == "l2rw" and self.meta_interval != 1:
             raise ValueError("l2rw computes weights from the meta-gradient at every update: drop --meta-interval")

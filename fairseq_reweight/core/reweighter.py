@@ -65,7 +65,10 @@ class Reweighter:
         check_max_weight(max_weight)
         if weight_norm not in WEIGHT_NORMS:
             raise ValueError(f"--weight-norm must be one of {', '.join(WEIGHT_NORMS)}, got {weight_norm!r}")
-        self.weight_norm = weight_norm  # batch: mean one per batch; running: divided by the teacher's running mean
+        # batch: mean one per batch; running: divided by the teacher's running mean (the teacher's gradient the batch
+        # normalisation's); running-grad: the same values, the gradient of the running division (centred by the
+        # running mean of meta-gradient x weight, so weight levels across batches are learned too)
+        self.weight_norm = weight_norm
         self.method = str(method)
         self.max_weight = max_weight  # cap of the normalised weights (None: no cap), see weights.normalize
         self.meta_interval = meta_interval
@@ -115,7 +118,8 @@ class Reweighter:
                 torch.manual_seed(self.seed)
                 self.teacher = Teacher(in_dim, self.teacher_hidden, self.teacher_layers, self.passthrough,
                                        self.teacher_prior, self.teacher_prior_scale,
-                                       running_output=self.weight_norm == "running").to(device)
+                                       running_output=self.weight_norm.startswith("running"),
+                                       centre_grad=self.weight_norm == "running-grad").to(device)
             if self.teacher_weight_decay > 0:  # the decay pulls the MLP towards zero, not the prior's scale
                 prior = [p for n, p in self.teacher.named_parameters() if n == "prior_scale"]
                 rest = [p for n, p in self.teacher.named_parameters() if n != "prior_scale"]
@@ -132,19 +136,22 @@ class Reweighter:
                         f"gives {in_dim}: resume with the same --teacher-states/architecture, or start a "
                         "fresh teacher with --reset-teacher"
                     )
-                saved_running = any(k.startswith("out_norm.") for k in state["teacher"])
-                if saved_running != (self.weight_norm == "running"):
+                keys = state["teacher"]
+                saved = ("running-grad" if any(k.startswith("grad_centre.") for k in keys) else
+                         "running" if any(k.startswith("out_norm.") for k in keys) else "batch")
+                if saved != self.weight_norm:
                     raise ValueError(
-                        f"the checkpoint's teacher was trained with --weight-norm "
-                        f"{'running' if saved_running else 'batch'} but this run uses --weight-norm "
-                        f"{self.weight_norm}: resume with the same --weight-norm, or --reset-teacher")
+                        f"the checkpoint's teacher was trained with --weight-norm {saved} but this run uses "
+                        f"--weight-norm {self.weight_norm}: resume with the same --weight-norm, or --reset-teacher")
                 self.teacher.load_state_dict(state["teacher"])
                 self.optimizer.load_state_dict(state["optimizer"])  # moves its state to `device`
                 pending = state.get("pending_moments")
                 self.teacher.norm._acc = None if pending is None else pending.to(device)
-                pending = state.get("pending_output")
-                if self.teacher.out_norm is not None:
-                    self.teacher.out_norm._acc = None if pending is None else pending.to(device)
+                for name in ("out_norm", "grad_centre"):
+                    pending, norm = state.get(f"pending_{name}", state.get("pending_output") if name == "out_norm"
+                                              else None), getattr(self.teacher, name)
+                    if norm is not None:
+                        norm._acc = None if pending is None else pending.to(device)
         elif self.teacher.in_dim != in_dim:
             raise ValueError(f"teacher built for {self.teacher.in_dim} features, got {in_dim}")
         return self.teacher
@@ -161,7 +168,8 @@ class Reweighter:
             "meta_skipped": self.meta_skipped,
             # input moments of batches since the last meta update (--meta-interval > 1), for an exact resume
             "pending_moments": self.teacher.norm._acc,
-            "pending_output": None if self.teacher.out_norm is None else self.teacher.out_norm._acc,
+            "pending_out_norm": None if self.teacher.out_norm is None else self.teacher.out_norm._acc,
+            "pending_grad_centre": None if self.teacher.grad_centre is None else self.teacher.grad_centre._acc,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -241,7 +249,7 @@ class Reweighter:
         if accumulate:
             out_norm.accumulate(raw.detach()[:, None])
         scale = self.teacher.output_scale()
-        return normalize(raw, self.max_weight, scale=scale)
+        return normalize(raw, self.max_weight, scale=scale, batch_grad=self.weight_norm != "running-grad")
 
     def accumulate(self, w: torch.Tensor, mg: MetaGrad, info: Dict[str, float]) -> bool:
         """Back-propagate ``dL_meta/dw`` through the weights ``w`` into the teacher's gradients."""
@@ -256,9 +264,9 @@ class Reweighter:
         every update (and after :meth:`step_teacher` on meta updates)."""
         if self.teacher is None:
             return
-        self.teacher.norm.commit(self.all_reduce if self.world_size > 1 else None)
-        if self.teacher.out_norm is not None:
-            self.teacher.out_norm.commit(self.all_reduce if self.world_size > 1 else None)
+        for norm in (self.teacher.norm, self.teacher.out_norm, self.teacher.grad_centre):
+            if norm is not None:
+                norm.commit(self.all_reduce if self.world_size > 1 else None)
 
     def step_teacher(self) -> None:
         """Take one teacher step from the accumulated gradients. Call it once per meta update on every
@@ -303,7 +311,16 @@ class Reweighter:
         self._accumulated = 0
 
     def _backward(self, w: torch.Tensor, mg: MetaGrad) -> bool:
-        w.backward(_unit_rms(mg.grad_w).to(w.dtype))
+        g = _unit_rms(mg.grad_w).to(w.dtype)
+        centre = self.teacher.grad_centre
+        if centre is not None and self.teacher.output_scale() is not None:
+            # --weight-norm running-grad: w = raw / s with s the running mean output, whose gradient subtracts
+            # E[g w] (the running mean over examples; the batch normalisation would subtract this batch's mean)
+            gw = (g * w.detach())[:, None]
+            m = centre.mean[0] if int(centre.count) > 0 else gw.mean()
+            centre.accumulate(gw)
+            g = g - m
+        w.backward(g)
         return True
 
     def _count(self, info: Dict[str, float], mg: MetaGrad, step: bool = True) -> bool:

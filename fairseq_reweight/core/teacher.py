@@ -100,7 +100,9 @@ class Teacher(nn.Module):
     or a one-hot label) skip the input standardisation.
 
     ``running_output``: keep the running mean of the output over batches (``output_scale``), which
-    ``--weight-norm running`` divides the output by instead of its batch mean.
+    ``--weight-norm running`` divides the output by instead of its batch mean. ``centre_grad``
+    (``--weight-norm running-grad``): also the running mean of (meta-gradient x weight) over examples, which
+    centres the teacher's gradient (``grad_centre``).
 
     ``prior``: the index of a standardised input column the teacher starts from: ``prior_scale`` (learned, from
     its initial value) times that column's standardised value (clipped to [-3, 3]) is added to the logit, so the
@@ -108,7 +110,8 @@ class Teacher(nn.Module):
     """
 
     def __init__(self, in_dim: int, hidden: int = 100, num_layers: int = 1, passthrough: int = 0,
-                 prior: Optional[int] = None, prior_scale: float = 2.0, running_output: bool = False):
+                 prior: Optional[int] = None, prior_scale: float = 2.0, running_output: bool = False,
+                 centre_grad: bool = False):
         super().__init__()
         if not 0 <= passthrough <= in_dim:
             raise ValueError(f"passthrough={passthrough} must be within [0, in_dim={in_dim}]")
@@ -120,6 +123,8 @@ class Teacher(nn.Module):
         self.norm = RunningNorm(in_dim - passthrough)
         # --weight-norm running: the running mean of the output over batches, which divides it into the weights
         self.out_norm = RunningNorm(1, momentum=0.02) if running_output else None
+        # --weight-norm running-grad: the running mean of (meta-gradient x weight), the centre of the teacher's gradient
+        self.grad_centre = RunningNorm(1, momentum=0.02) if centre_grad else None
         layers, d = [], in_dim
         for _ in range(num_layers):
             layers += [nn.Linear(d, hidden), nn.ReLU()]
