@@ -147,10 +147,10 @@ class Reweighter:
                 self.optimizer.load_state_dict(state["optimizer"])  # moves its state to `device`
                 pending = state.get("pending_moments")
                 self.teacher.norm._acc = None if pending is None else pending.to(device)
-                for name in ("out_norm", "grad_centre"):
-                    pending, norm = state.get(f"pending_{name}", state.get("pending_output") if name == "out_norm"
-                                              else None), getattr(self.teacher, name)
+                for name, older in (("out_norm", "pending_output"), ("grad_centre", None)):  # older: session 21
+                    norm = getattr(self.teacher, name)
                     if norm is not None:
+                        pending = state.get(f"pending_{name}", state.get(older) if older else None)
                         norm._acc = None if pending is None else pending.to(device)
         elif self.teacher.in_dim != in_dim:
             raise ValueError(f"teacher built for {self.teacher.in_dim} features, got {in_dim}")
