@@ -25,6 +25,7 @@ from torch import nn
 from . import compat, splits  # noqa: F401  (compat: checkpoint loading under torch >= 2.6)
 from .core import ReweightConfig, Reweighter, WeightDumper, functional_call, parse_states_spec, recipe
 from .core import strategies, weight_stats
+from .core.reweighter import length_groups
 from .core import features as inputs
 from .criterion import check_model, num_decoder_layers
 from .features import FEATURES, Batch
@@ -179,7 +180,8 @@ class ReweightedTranslationTask(TranslationTask):
         denom = float(sample["target"].size(0) if criterion.sentence_avg else sample["ntokens"])
         lr = self.cfg.meta_lr if self.cfg.meta_lr is not None else optimizer.get_lr()
         weights, info = s.weights(update_num, features, out.loss, lr=lr, denom=denom,
-                                  lookahead=lambda: self._lookahead(inner, criterion, sample, device))
+                                  lookahead=lambda: self._lookahead(inner, criterion, sample, device),
+                                  groups=length_groups(sample["net_input"]["src_lengths"]))
         loss = (weights.to(out.loss.dtype) * out.loss).sum() * (0.0 if ignore_grad else 1.0)
         with torch.autograd.profiler.record_function("backward"):
             optimizer.backward(loss)

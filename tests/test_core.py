@@ -6,6 +6,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fairseq_reweight.core.config import ReweightConfig
+from fairseq_reweight.core.reweighter import length_groups
 from fairseq_reweight.core import (
     MetaGrad, Reweighter, Teacher, WeightDumper, auc, l2rw_weights, normalize, weight_gradient, weight_stats,
 )
@@ -603,58 +604,91 @@ def test_reweighter_running_weight_norm_tracks_the_output_mean_and_resumes():
         Reweighter("deep", weight_norm="global")
 
 
-def _teacher_grads(rw, x, g):
-    """The teacher's parameter gradients after back-propagating the meta-gradient ``g`` of batch ``x``."""
-    rw.zero_teacher_grad()
-    _, w_graph = rw.teacher_weights(5, x)
-    rw.accumulate(w_graph, MetaGrad(g, torch.tensor(1.0)), {})
-    return {n: p.grad.clone() for n, p in rw.teacher.named_parameters() if p.grad is not None}
+def test_length_groups_are_half_octaves_of_the_length():
+    lengths = torch.tensor([1, 2, 3, 7, 8, 11, 12, 15, 16, 22, 23, 31, 32, 10 ** 6])
+    assert length_groups(lengths).tolist() == [0, 2, 3, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 31]
 
 
-def test_running_grad_weight_norm_is_the_gradient_of_the_running_division():
-    """--weight-norm running-grad: the values are those of running (raw / running mean, capped), and the teacher's
-    gradient is that of sum_i (g_i - m) raw_i / s, with g the batch's meta-gradient (unit RMS) and m the running
-    mean of g_i w_i over examples (folded in per update, saved with the teacher). A meta-gradient that is the same
-    for every example of a batch moves that batch's weights as a whole: the batch normalisation's gradient (both
-    other normalisations) is exactly zero there, so they never learn weight levels across batches."""
+def test_running_length_weight_norm_divides_each_bucket_by_its_own_running_mean():
+    """--weight-norm running-length: a sentence's weight is its teacher output over the running mean output of its
+    length bucket (started from the bucket's first batch, moved by 10 % at each update holding the bucket; a bucket
+    not seen yet takes the mean of those seen), so buckets whose outputs sit at different levels get the same mean
+    weight, where --weight-norm running (one mean) favours the higher bucket. The teacher's gradient stays the batch
+    normalisation's. The means are saved with the teacher; a checkpoint of the other normalisation is refused."""
     torch.manual_seed(0)
-    x0, x = torch.randn(16, 3), torch.randn(16, 3) + 0.5
+    # the prior column (0) sits 1 higher for the short bucket, so its outputs are higher
+    short, long_ = torch.tensor([7] * 16), torch.tensor([20] * 16)
+    batches = [(torch.randn(16, 3) + torch.tensor([1.0 if i % 2 == 0 else 0.0, 0.0, 0.0]), short if i % 2 == 0 else long_)
+               for i in range(40)]
     rws = {}
-    for norm in ("running", "running-grad"):
-        torch.manual_seed(0)
+    for norm in ("running", "running-length"):
         rw = rws[norm] = Reweighter("deep", weight_norm=norm, teacher_prior_scale=4.0)
         rw.teacher_prior = 0
-        rw.teacher_weights(1, x0)  # builds the teacher, folds the first batch's outputs into the running mean
-        rw.end_update()
-    a, b = rws["running"], rws["running-grad"]
+        expected = {}  # bucket -> its running mean output, from the outputs at the inputs' moments of each update
+        for i, (x, g) in enumerate(batches, 1):
+            with torch.no_grad():
+                m, k = float(rw.ensure_teacher(3, torch.device("cpu"))(x).mean()), int(length_groups(g)[0])
+            expected[k] = m if k not in expected else expected[k] + 0.1 * (m - expected[k])
+            rw.teacher_weights(i, x, length_groups(g))
+            rw.end_update()
+    rw = rws["running-length"]
+    out = rw.teacher.out_norm
+    assert out.count.tolist()[5] == 20 and out.count.tolist()[8] == 20 and int(out.count.sum()) == 40
+    assert float(out.mean[5]) == pytest.approx(expected[5], rel=1e-5)
+    assert float(out.mean[8]) == pytest.approx(expected[8], rel=1e-5)
+    fresh = [(torch.randn(64, 3) + torch.tensor([1.0, 0.0, 0.0]), short.repeat(4)), (torch.randn(64, 3), long_.repeat(4))]
+    means = {norm: [float(r.teacher_weights(41, x, length_groups(g))[0].mean()) for x, g in fresh]
+             for norm, r in rws.items()}
+    assert means["running"][0] - means["running"][1] > 0.3  # one running mean: the short bucket weighs more
+    assert abs(means["running-length"][0] - means["running-length"][1]) < 0.15
+    # an unseen bucket: the mean of the seen ones
+    x = torch.randn(16, 3)
     with torch.no_grad():
-        raw, s = b.teacher(x), b.teacher.output_scale()
-    assert torch.allclose(a.teacher_weights(5, x)[0], b.teacher_weights(5, x)[0])  # the same values
-    g = torch.randn(16)
-    gb = _teacher_grads(b, x, g)
-    # reference: autograd of sum_i (g_i - m) raw_i / s, with m = mean(g_hat w) of this (first) batch
-    g_hat = g / g.pow(2).mean().sqrt()
-    m = (g_hat * (raw / s)).mean()
-    b.teacher.zero_grad()
-    (((g_hat - m) * b.teacher(x)) / s).sum().backward()
-    for n, p in b.teacher.named_parameters():
-        assert torch.allclose(gb[n], p.grad, atol=1e-6), n
-    b.end_update()
-    assert float(b.teacher.grad_centre.mean[0]) == pytest.approx(float(m), rel=1e-5)  # folded in by end_update
-    # a constant meta-gradient: zero teacher gradient under the batch normalisation's, not under running-grad
-    const = torch.full((16,), -1.0)
-    ga, gb2 = _teacher_grads(a, x, const), _teacher_grads(b, x, const)
-    assert max(float(v.abs().max()) for v in ga.values()) < 1e-6
-    assert max(float(v.abs().max()) for v in gb2.values()) > 1e-3
-    # saved and restored with the teacher; the other running normalisation refuses its checkpoint
-    state = b.state_dict()
-    again = Reweighter("deep", weight_norm="running-grad", teacher_prior_scale=4.0)
+        raw = rw.teacher(x)
+    w, _ = rw.teacher_weights(9, x, length_groups(torch.tensor([60] * 16)))
+    assert torch.allclose(w, raw / out.mean[[5, 8]].mean(), atol=1e-6)
+    # the teacher's gradient: the batch normalisation's (a constant meta-gradient gives none)
+    rw.zero_teacher_grad()
+    _, w_graph = rw.teacher_weights(9, x, length_groups(short))
+    rw.accumulate(w_graph, MetaGrad(torch.full((16,), -1.0), torch.tensor(1.0)), {})
+    assert max(float(p.grad.abs().max()) for p in rw.teacher.parameters() if p.grad is not None) < 1e-6
+    rw.zero_teacher_grad()
+    # saved and restored with the teacher (pending batches too); the other running normalisation refuses it
+    rw.teacher_weights(10, x, length_groups(long_))
+    state = rw.state_dict()
+    again = Reweighter("deep", weight_norm="running-length", teacher_prior_scale=4.0)
     again.teacher_prior = 0
     again.load_state_dict(state)
     again.ensure_teacher(3, torch.device("cpu"))
-    assert torch.equal(again.teacher.grad_centre.mean, b.teacher.grad_centre.mean)
+    rw.end_update()
+    again.end_update()
+    assert torch.equal(again.teacher.out_norm.mean, out.mean) and torch.equal(again.teacher.out_norm.count, out.count)
     other = Reweighter("deep", weight_norm="running", teacher_prior_scale=4.0)
     other.teacher_prior = 0
     other.load_state_dict(state)
-    with pytest.raises(ValueError, match="--weight-norm running-grad but this run uses --weight-norm running"):
+    with pytest.raises(ValueError, match="--weight-norm running-length but this run uses --weight-norm running"):
         other.ensure_teacher(3, torch.device("cpu"))
+
+
+def test_running_weight_norm_resumes_a_checkpoint_of_the_older_format():
+    """Before session 23 the running mean output was a RunningNorm(1) (mean, sq, scalar count; pending [sum, sum of
+    squares, n]): such a checkpoint still resumes, with the same mean and pending batches."""
+    rw = Reweighter("deep", weight_norm="running")
+    x = torch.randn(8, 3)
+    rw.teacher_weights(1, x)
+    rw.end_update()
+    rw.teacher_weights(2, x + 1)
+    state = rw.state_dict()
+    old = dict(state, teacher=dict(state["teacher"]))
+    mean, count = old["teacher"]["out_norm.mean"], old["teacher"]["out_norm.count"]
+    old["teacher"]["out_norm.sq"], old["teacher"]["out_norm.count"] = mean * mean, count.reshape(())
+    s, n = state["pending_out_norm"]
+    old["pending_output"] = torch.stack([s, s * s, n])
+    del old["pending_out_norm"]
+    again = Reweighter("deep", weight_norm="running")
+    again.load_state_dict(old)
+    again.ensure_teacher(3, torch.device("cpu"))
+    rw.end_update()
+    again.end_update()
+    assert torch.equal(again.teacher.out_norm.mean, rw.teacher.out_norm.mean)
+    assert again.teacher.out_norm.count.tolist() == [2]

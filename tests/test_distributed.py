@@ -211,14 +211,14 @@ def test_nan_meta_loss_skips_the_teacher_update_only(tiny_data):
 
 
 # ---------------------------------------------------------------------- exact resume
-@pytest.mark.parametrize("interval", [1, 2, "refresh2-ema", "running", "running-grad"])
+@pytest.mark.parametrize("interval", [1, 2, "refresh2-ema", "running", "running-length"])
 def test_resume_mid_epoch_continues_exactly(tiny_data, tmp_path, interval):
     """Interrupt after 3 updates (mid-epoch) and resume: the next updates' weights and losses, and the final
     student and teacher, equal those of an uninterrupted run (teacher, its Adam state and input moments,
-    the meta iterator, the averaged meta direction, the running output mean of --weight-norm running and
+    the meta iterator, the averaged meta direction, the running output means of --weight-norm running(-length) and
     fairseq's per-update seeds all come back)."""
     averaged = interval == "refresh2-ema"
-    extra = ["--meta-interval", "1" if interval in ("refresh2-ema", "running", "running-grad") else str(interval),
+    extra = ["--meta-interval", "1" if interval in ("refresh2-ema", "running", "running-length") else str(interval),
              "--save-interval-updates", "3", "--teacher-progress-horizon", "6"] + (
         ["--meta-refresh", "2", "--meta-ema", "0.9"] if averaged else []) + (
         ["--weight-norm", interval] if str(interval).startswith("running") else [])
@@ -245,9 +245,9 @@ def test_resume_mid_epoch_continues_exactly(tiny_data, tmp_path, interval):
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
     if str(interval).startswith("running"):
-        assert "out_norm.mean" in ta and int(ta["out_norm.count"]) == 6
-    if interval == "running-grad":  # the centre of the teacher's gradient, folded in at updates 1-5
-        assert int(ta["grad_centre.count"]) == 5 and float(ta["grad_centre.mean"].abs()) > 0
+        assert int(ta["out_norm.count"].sum()) >= 6  # every update folded in (running-length: per length bucket)
+    if interval == "running-length":
+        assert int((ta["out_norm.count"] > 0).sum()) >= 2  # the tiny data's batches span several length buckets
     if averaged:  # 6 meta updates, a fresh meta batch at updates 0, 2, 4 (the run was cut at 3: a reused one)
         da = sa["extra_state"]["ReweightedTranslationTask"]["meta_direction"]
         db = sb["extra_state"]["ReweightedTranslationTask"]["meta_direction"]

@@ -38,6 +38,16 @@ from .metagrad import MetaGrad
 from .teacher import Teacher
 from .weights import check_max_weight, l2rw_weights, normalize
 
+# --weight-norm -> the groups of the teacher's running mean output, and how fast a group's mean moves per update
+# that holds its examples (running-length: half-octave buckets of length, which a rarely seen bucket must follow)
+OUTPUT_GROUPS = {"batch": 0, "running": 1, "running-length": 32}
+OUTPUT_MOMENTUM = {"batch": 0.0, "running": 0.02, "running-length": 0.1}
+
+
+def length_groups(lengths: torch.Tensor) -> torch.Tensor:
+    """Each example's length bucket for ``--weight-norm running-length``: half-octaves, ``floor(2 log2 length)``
+    (lengths 8-11 share one, 12-15 the next, 16-22 ...), capped at the last of 32."""
+    return (2 * torch.log2(lengths.float().clamp_min(1))).floor().long().clamp(0, OUTPUT_GROUPS["running-length"] - 1)
 
 
 class Reweighter:
@@ -65,9 +75,9 @@ class Reweighter:
         check_max_weight(max_weight)
         if weight_norm not in WEIGHT_NORMS:
             raise ValueError(f"--weight-norm must be one of {', '.join(WEIGHT_NORMS)}, got {weight_norm!r}")
-        # batch: mean one per batch; running: divided by the teacher's running mean (the teacher's gradient the batch
-        # normalisation's); running-grad: the same values, the gradient of the running division (centred by the
-        # running mean of meta-gradient x weight, so weight levels across batches are learned too)
+        # batch: mean one per batch; running: divided by the teacher's running mean output; running-length: by
+        # that of the example's length bucket (the ``groups`` the glue passes); the teacher's gradient is the batch
+        # normalisation's under all three (core/weights.py)
         self.weight_norm = weight_norm
         self.method = str(method)
         self.max_weight = max_weight  # cap of the normalised weights (None: no cap), see weights.normalize
@@ -118,8 +128,8 @@ class Reweighter:
                 torch.manual_seed(self.seed)
                 self.teacher = Teacher(in_dim, self.teacher_hidden, self.teacher_layers, self.passthrough,
                                        self.teacher_prior, self.teacher_prior_scale,
-                                       running_output=self.weight_norm.startswith("running"),
-                                       centre_grad=self.weight_norm == "running-grad").to(device)
+                                       output_groups=OUTPUT_GROUPS[self.weight_norm],
+                                       output_momentum=OUTPUT_MOMENTUM[self.weight_norm]).to(device)
             if self.teacher_weight_decay > 0:  # the decay pulls the MLP towards zero, not the prior's scale
                 prior = [p for n, p in self.teacher.named_parameters() if n == "prior_scale"]
                 rest = [p for n, p in self.teacher.named_parameters() if n != "prior_scale"]
@@ -137,8 +147,8 @@ class Reweighter:
                         "fresh teacher with --reset-teacher"
                     )
                 keys = state["teacher"]
-                saved = ("running-grad" if any(k.startswith("grad_centre.") for k in keys) else
-                         "running" if any(k.startswith("out_norm.") for k in keys) else "batch")
+                groups = keys["out_norm.mean"].numel() if "out_norm.mean" in keys else 0
+                saved = "batch" if groups == 0 else "running" if groups == 1 else "running-length"
                 if saved != self.weight_norm:
                     raise ValueError(
                         f"the checkpoint's teacher was trained with --weight-norm {saved} but this run uses "
@@ -147,11 +157,11 @@ class Reweighter:
                 self.optimizer.load_state_dict(state["optimizer"])  # moves its state to `device`
                 pending = state.get("pending_moments")
                 self.teacher.norm._acc = None if pending is None else pending.to(device)
-                for name, older in (("out_norm", "pending_output"), ("grad_centre", None)):  # older: session 21
-                    norm = getattr(self.teacher, name)
-                    if norm is not None:
-                        pending = state.get(f"pending_{name}", state.get(older) if older else None)
-                        norm._acc = None if pending is None else pending.to(device)
+                if self.teacher.out_norm is not None:
+                    pending = state.get("pending_out_norm", state.get("pending_output"))  # older name: session 21
+                    if pending is not None and pending.numel() == 3:  # [sum, sum of squares, n] before session 23
+                        pending = pending[[0, 2]]
+                    self.teacher.out_norm._acc = None if pending is None else pending.to(device)
         elif self.teacher.in_dim != in_dim:
             raise ValueError(f"teacher built for {self.teacher.in_dim} features, got {in_dim}")
         return self.teacher
@@ -169,7 +179,6 @@ class Reweighter:
             # input moments of batches since the last meta update (--meta-interval > 1), for an exact resume
             "pending_moments": self.teacher.norm._acc,
             "pending_out_norm": None if self.teacher.out_norm is None else self.teacher.out_norm._acc,
-            "pending_grad_centre": None if self.teacher.grad_centre is None else self.teacher.grad_centre._acc,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -198,9 +207,11 @@ class Reweighter:
         meta_grad_fn: Optional[Callable[[torch.Tensor], MetaGrad]],
         batch_size: Optional[int] = None,
         device: Optional[torch.device] = None,
+        groups: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Dict[str, float]]:
         """Normalised weights for this batch (detached) and a dict of diagnostics to log; on a meta step the
-        teacher learns from ``meta_grad_fn(w)`` first and the weights come from the updated teacher."""
+        teacher learns from ``meta_grad_fn(w)`` first and the weights come from the updated teacher. ``groups``: each
+        example's length bucket (``[B]`` ints, :func:`length_groups`), read by ``--weight-norm running-length``."""
         info: Dict[str, float] = {}
         if features is not None:
             batch_size, device = features.shape[0], features.device
@@ -209,14 +220,14 @@ class Reweighter:
             return ones, info
         if self.method == "l2rw":
             return self.l2rw(meta_grad_fn(torch.zeros_like(ones)), info), info
-        w, w_graph = self.teacher_weights(step, features)
+        w, w_graph = self.teacher_weights(step, features, groups)
         if w_graph is None:
             return w, info
         self.zero_teacher_grad()
         self.accumulate(w_graph, meta_grad_fn(w), info)
         self.step_teacher()
         with torch.no_grad():
-            return self._normalize(self.teacher(features.detach().float())), info
+            return self._normalize(self.teacher(features.detach().float()), groups), info
 
     def l2rw(self, mg: MetaGrad, info: Dict[str, float]) -> torch.Tensor:
         """L2RW weights from the meta-gradient at ``w = 0`` (uniform if no example helps)."""
@@ -229,27 +240,28 @@ class Reweighter:
     # The student's update uses the teacher's current weights; the meta-gradient of those weights is
     # computed from the student's own backward (see probe.py), back-propagated into the teacher with
     # `accumulate` (once per micro-batch) and applied by `step_teacher` once per update.
-    def teacher_weights(self, step: int, features: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def teacher_weights(self, step: int, features: torch.Tensor,
+                        groups: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(weights, weights_with_graph)``: the second is None unless this is a teacher meta step."""
         teacher = self.ensure_teacher(features.shape[1], features.device)
         feats = features.detach().float()
         teacher.norm.accumulate(feats[:, : feats.shape[1] - teacher.passthrough])  # folded in by end_update
         if self.is_meta_step(step):
-            w = self._normalize(teacher(feats), accumulate=True)
+            w = self._normalize(teacher(feats), groups, accumulate=True)
             return w.detach(), w
         with torch.no_grad():
-            return self._normalize(teacher(feats), accumulate=True), None
+            return self._normalize(teacher(feats), groups, accumulate=True), None
 
-    def _normalize(self, raw: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
+    def _normalize(self, raw: torch.Tensor, groups: Optional[torch.Tensor] = None,
+                   accumulate: bool = False) -> torch.Tensor:
         """The teacher's output -> the batch's weights (``--weight-norm``); ``accumulate``: the output's mean
         over batches takes this batch in (folded in by :meth:`end_update`)."""
         out_norm = self.teacher.out_norm
         if out_norm is None:
             return normalize(raw, self.max_weight)
         if accumulate:
-            out_norm.accumulate(raw.detach()[:, None])
-        scale = self.teacher.output_scale()
-        return normalize(raw, self.max_weight, scale=scale, batch_grad=self.weight_norm != "running-grad")
+            out_norm.accumulate(raw.detach(), groups)
+        return normalize(raw, self.max_weight, scale=self.teacher.output_scale(groups, raw))
 
     def accumulate(self, w: torch.Tensor, mg: MetaGrad, info: Dict[str, float]) -> bool:
         """Back-propagate ``dL_meta/dw`` through the weights ``w`` into the teacher's gradients."""
@@ -264,7 +276,7 @@ class Reweighter:
         every update (and after :meth:`step_teacher` on meta updates)."""
         if self.teacher is None:
             return
-        for norm in (self.teacher.norm, self.teacher.out_norm, self.teacher.grad_centre):
+        for norm in (self.teacher.norm, self.teacher.out_norm):
             if norm is not None:
                 norm.commit(self.all_reduce if self.world_size > 1 else None)
 
@@ -311,16 +323,7 @@ class Reweighter:
         self._accumulated = 0
 
     def _backward(self, w: torch.Tensor, mg: MetaGrad) -> bool:
-        g = _unit_rms(mg.grad_w).to(w.dtype)
-        centre = self.teacher.grad_centre
-        if centre is not None and self.teacher.output_scale() is not None:
-            # --weight-norm running-grad: w = raw / s with s the running mean output, whose gradient subtracts
-            # E[g w] (the running mean over examples; the batch normalisation would subtract this batch's mean)
-            gw = (g * w.detach())[:, None]
-            m = centre.mean[0] if int(centre.count) > 0 else gw.mean()
-            centre.accumulate(gw)
-            g = g - m
-        w.backward(g)
+        w.backward(_unit_rms(mg.grad_w).to(w.dtype))
         return True
 
     def _count(self, info: Dict[str, float], mg: MetaGrad, step: bool = True) -> bool:

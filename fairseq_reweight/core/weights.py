@@ -28,24 +28,22 @@ import torch
 
 
 def normalize(raw: torch.Tensor, max_weight: Optional[float] = None, eps: float = 1e-12,
-              scale: Optional[torch.Tensor] = None, batch_grad: bool = True) -> torch.Tensor:
+              scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean-one normalisation over the batch, capped at ``max_weight`` (water-filling); differentiable (used
     inside the meta-gradient; a capped example's gradient is zero, the exact gradient of the water-filling).
 
-    ``scale`` (``--weight-norm running``): the weights are ``raw / scale`` (capped at ``max_weight``), ``scale``
-    the teacher's mean output over many batches, so a batch of mostly bad examples gets little total weight
-    instead of mean one; the gradient stays that of the batch normalisation (a straight-through value), so the
-    teacher still only learns how to rank the examples of a batch, not to raise or lower every weight.
-    ``batch_grad=False`` (``--weight-norm running-grad``): the gradient is that of ``raw / scale`` itself (the cap
-    still passed straight through), so the caller must centre the meta-gradient (Reweighter: by its running
-    mean, the running counterpart of what the batch normalisation's gradient subtracts)."""
+    ``scale`` (``--weight-norm running``/``running-length``; a scalar or one per example): the weights are
+    ``raw / scale`` (capped at ``max_weight``), ``scale`` the teacher's mean output over many batches (of the
+    example's length bucket), so a batch of mostly bad examples gets little total weight instead of mean one;
+    the gradient stays that of the batch normalisation (a straight-through value), so the teacher still only
+    learns how to rank the examples of a batch, not to raise or lower every weight."""
     if scale is not None:
         value = raw.detach() / scale.clamp_min(eps)
         if max_weight is not None:
             value = value.clamp_max(max_weight)
         if not raw.requires_grad:  # no teacher gradient wanted: the batch normalisation is not needed
             return value
-        w = normalize(raw, max_weight, eps) if batch_grad else raw / scale.detach().clamp_min(eps)
+        w = normalize(raw, max_weight, eps)
         return w + (value - w).detach()
     n = raw.numel()
     w = raw * (n / raw.sum().clamp_min(eps))
