@@ -26,6 +26,7 @@ from . import compat, splits  # noqa: F401  (compat: checkpoint loading under to
 from .core import ReweightConfig, Reweighter, WeightDumper, functional_call, parse_states_spec, recipe
 from .core import strategies, weight_stats
 from .core.reweighter import length_groups
+from .core.selection import EpochDrop
 from .core import features as inputs
 from .criterion import check_model, num_decoder_layers
 from .features import FEATURES, Batch
@@ -54,6 +55,10 @@ class ReweightedTranslationConfig(TranslationConfig, ReweightConfig):
                 + ", paper " + str(recipe.PLAIN["teacher_prior_scale"]) + ")"})
     teacher_length_ratio: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     teacher_source_contrast: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
+    drop_below: Optional[float] = field(default=None, metadata={
+        "help": "leave out of every later epoch the training sentences whose mean weight in an epoch was below this "
+                "(the teacher as a filter during training; weights have mean 1)"})
+    train_subset: str = II("dataset.train_subset")
     seed: int = II("common.seed")
     max_tokens: Optional[int] = II("dataset.max_tokens")
     batch_size: Optional[int] = II("dataset.batch_size")
@@ -127,6 +132,8 @@ class ReweightedTranslationTask(TranslationTask):
         self._layers: Optional[List[int]] = None
         self._dumper: Optional[WeightDumper] = None
         self._restored = self._sync_logged = False
+        self.drop: Optional[EpochDrop] = None  # --drop-below, built with the training split (_drop_state)
+        self._pending_drop, self._left_out = None, None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             atexit.register(_destroy_process_group)
 
@@ -137,6 +144,11 @@ class ReweightedTranslationTask(TranslationTask):
             if getattr(cfg, flag):
                 raise ValueError(f"--{flag.replace('_', '-')} was replaced by --teacher-inputs: name {name} there, "
                                  f"e.g. --teacher-inputs {cfg.teacher_inputs},{name}")
+        if cfg.drop_below is not None and cfg.reweight_method == "none":
+            raise ValueError("--drop-below leaves out sentences by their weights; with --reweight-method none every "
+                             "weight is 1: drop it, or choose l2rw/mwnet/deep")
+        if cfg.drop_below is not None and not 0 < cfg.drop_below < 1:
+            raise ValueError(f"--drop-below must be in (0, 1) (weights have mean 1), got {cfg.drop_below}")
         default = recipe.OTHER_INPUTS.get(str(cfg.reweight_method), "")
         if cfg.reweight_method != "deep" and cfg.teacher_inputs != default:
             raise ValueError(f"--teacher-inputs chooses the inputs of the deep teacher; --reweight-method "
@@ -192,6 +204,8 @@ class ReweightedTranslationTask(TranslationTask):
             logger.info("teacher initialised fresh (no teacher state restored from a checkpoint)")
         logging_output = criterion.logging_output(model, sample, out, weights)
         if not ignore_grad:
+            if self.drop is not None and update_num >= self.reweighter.warmup:
+                self.drop.record(sample["id"], weights)
             logging_output.update(weight_stats(weights))
             logging_output.update(info)
             self._dump(update_num, sample, weights, out.loss)
@@ -334,6 +348,32 @@ class ReweightedTranslationTask(TranslationTask):
             super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
         splits.check_loaded(self.cfg, split, self.datasets[split])
 
+    # ------------------------------------------------------------------ --drop-below: leave out dropped sentences
+    def _drops(self, dataset) -> bool:
+        return self.cfg.drop_below is not None and dataset is self.datasets.get(self.cfg.train_subset)
+
+    def can_reuse_epoch_itr(self, dataset):
+        """The training batches are rebuilt every epoch when sentences are left out."""
+        return super().can_reuse_epoch_itr(dataset) and not self._drops(dataset)
+
+    def get_batch_iterator(self, dataset, *args, **kwargs):
+        if self._drops(dataset):  # every worker builds its epoch's iterator at the same point: one all-reduce
+            if self.drop is None:
+                self.drop = EpochDrop(len(dataset), self.cfg.drop_below)
+                self.drop.load_state_dict(self._pending_drop)
+            epoch = kwargs.get("epoch", 1)
+            self._left_out = self.drop.begin_epoch(epoch, _all_reduce_sum).numpy()
+            n = int(self._left_out.sum())
+            logger.info(f"--drop-below {self.cfg.drop_below}: epoch {epoch} leaves out {n} of {len(dataset)} training "
+                        f"sentences ({100.0 * n / max(len(dataset), 1):.1f} %)")
+        return super().get_batch_iterator(dataset, *args, **kwargs)
+
+    def filter_indices_by_size(self, indices, dataset, max_positions=None, ignore_invalid_inputs=False):
+        indices = super().filter_indices_by_size(indices, dataset, max_positions, ignore_invalid_inputs)
+        if self._drops(dataset) and self._left_out is not None:
+            indices = indices[~self._left_out[indices]]
+        return indices
+
     def _meta_dataset(self):
         split = self.cfg.meta_subset
         if split not in self.datasets:
@@ -391,6 +431,8 @@ class ReweightedTranslationTask(TranslationTask):
         meta_itr = self.meta_batches.state_dict()
         if meta_itr is not None:
             state["meta_iterator"] = meta_itr
+        if self.drop is not None:
+            state["drop"] = self.drop.state_dict()
         return state
 
     def load_state_dict(self, state_dict):
@@ -402,6 +444,9 @@ class ReweightedTranslationTask(TranslationTask):
         self.reweighter.load_state_dict(state_dict.get("reweighter", {}))
         self.meta_batches.load_state_dict(state_dict.get("meta_iterator"))
         self.strategy.load_state_dict(state_dict.get("meta_direction"))
+        self._pending_drop = state_dict.get("drop")
+        if self.drop is not None:
+            self.drop.load_state_dict(self._pending_drop)
         if state_dict.get("reweighter"):
             self._restored = True
             r = self.reweighter
