@@ -59,6 +59,8 @@ class ReweightedTranslationConfig(TranslationConfig, ReweightConfig):
         "help": "leave out of every later epoch the training sentences whose mean weight in an epoch was below this "
                 "(the teacher as a filter during training; weights have mean 1)"})
     train_subset: str = II("dataset.train_subset")
+    rebuild_batches: bool = field(default=False, metadata={
+        "help": "build each epoch's batches when it starts (as fairseq's audio tasks; set by --drop-below)"})
     seed: int = II("common.seed")
     max_tokens: Optional[int] = II("dataset.max_tokens")
     batch_size: Optional[int] = II("dataset.batch_size")
@@ -134,6 +136,8 @@ class ReweightedTranslationTask(TranslationTask):
         self._restored = self._sync_logged = False
         self.drop: Optional[EpochDrop] = None  # --drop-below, built with the training split (_drop_state)
         self._pending_drop, self._left_out = None, None
+        if cfg.drop_below is not None:  # a resumed epoch is re-batched once the task has its state (_rebatch_resumed_epoch)
+            cfg.rebuild_batches = True
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             atexit.register(_destroy_process_group)
 
@@ -362,11 +366,32 @@ class ReweightedTranslationTask(TranslationTask):
                 self.drop = EpochDrop(len(dataset), self.cfg.drop_below)
                 self.drop.load_state_dict(self._pending_drop)
             epoch = kwargs.get("epoch", 1)
-            self._left_out = self.drop.begin_epoch(epoch, _all_reduce_sum).numpy()
+            self._left_out = self.drop.begin_epoch(epoch, _all_reduce_sum).numpy().copy()  # the mask these batches use
             n = int(self._left_out.sum())
             logger.info(f"--drop-below {self.cfg.drop_below}: epoch {epoch} leaves out {n} of {len(dataset)} training "
                         f"sentences ({100.0 * n / max(len(dataset), 1):.1f} %)")
+            self._train_itr = super().get_batch_iterator(dataset, *args, **kwargs)
+            return self._train_itr
         return super().get_batch_iterator(dataset, *args, **kwargs)
+
+    def _rebatch_resumed_epoch(self) -> None:
+        """fairseq's load_checkpoint builds the resumed epoch's iterator (and moves it to the saved position)
+        before it hands the task its state; with --drop-below that epoch must leave out the saved mask's
+        sentences, so the iterator's batches are rebuilt and it is moved to the same position again."""
+        itr, drop = getattr(self, "_train_itr", None), self.drop
+        if itr is None or drop is None or drop.epoch != itr.epoch:
+            return
+        mask = drop.dropped.numpy().copy()
+        if self._left_out is not None and (mask == self._left_out).all():
+            return
+        self._left_out = mask
+        position = itr.iterations_in_epoch
+        itr._frozen_batches = None  # fairseq's EpochBatchIterator rebuilds them from its callable batch sampler
+        if position > 0:  # moved to the saved position again (else the epoch starts from the rebuilt batches)
+            itr.load_state_dict({"version": 2, "epoch": itr.epoch, "iterations_in_epoch": position,
+                                 "shuffle": itr.shuffle})
+        logger.info(f"--drop-below: resumed epoch {itr.epoch} re-batched without the {int(mask.sum())} sentences "
+                    "left out before the checkpoint")
 
     def filter_indices_by_size(self, indices, dataset, max_positions=None, ignore_invalid_inputs=False):
         indices = super().filter_indices_by_size(indices, dataset, max_positions, ignore_invalid_inputs)
@@ -459,6 +484,7 @@ class ReweightedTranslationTask(TranslationTask):
 
     def set_checkpoint_dict(self, state):
         self.load_state_dict(state)
+        self._rebatch_resumed_epoch()
 
 
 # fairseq sums the workers' logging outputs with one all-reduce of their values in key order, tensors and

@@ -294,6 +294,7 @@ DDP_CASES = {
     "deep-update-freq2": ("deep", ["--update-freq", "2"]),
     "deep-recipe": ("deep", ["--teacher-inputs", "states,token_stats,source_contrast,progress", "--max-weight", "2", "--meta-precondition", "adam"]),
     "deep-tuned-defaults": ("deep", ["--reweight-recipe", "tuned"]),  # warm-up, contrast, refresh/EMA, cap, adam
+    "deep-drop-below": ("deep", ["--teacher-lr", "0.05", "--drop-below", "0.5"]),  # epochs shrink, masks all-reduced
 }
 
 
@@ -315,6 +316,9 @@ def test_ddp_survives_epochs_that_do_not_divide_over_the_workers(odd_data, tmp_p
         interval = 2 if "--meta-interval" in extra else 1
         warmup = round(max_update / 3) if "tuned" in extra else 0  # the tuned recipe's plain first third
         assert rw["meta_steps"] == (max_update - warmup) // interval
+    if "--drop-below" in extra:  # sentences were left out, the same on both workers (else the batches differ and
+        left = [int(n) for n in re.findall(r"epoch \d+ leaves out (\d+) of", p.stdout)]  # the run hangs or fails)
+        assert max(left) > 0, left
 
 
 def test_ddp_none_on_uneven_shards_equals_one_process(odd_data, tmp_path):
