@@ -26,7 +26,7 @@ from . import compat, splits  # noqa: F401  (compat: checkpoint loading under to
 from .core import ReweightConfig, Reweighter, WeightDumper, functional_call, parse_states_spec, recipe
 from .core import strategies, weight_stats
 from .core.reweighter import length_groups
-from .core.selection import EpochDrop
+from .core.selection import EpochDrop, check_threshold
 from .core import features as inputs
 from .criterion import check_model, num_decoder_layers
 from .features import FEATURES, Batch
@@ -134,8 +134,8 @@ class ReweightedTranslationTask(TranslationTask):
         self._layers: Optional[List[int]] = None
         self._dumper: Optional[WeightDumper] = None
         self._restored = self._sync_logged = False
-        self.drop: Optional[EpochDrop] = None  # --drop-below, built with the training split (_drop_state)
-        self._pending_drop, self._left_out = None, None
+        self.drop: Optional[EpochDrop] = None  # --drop-below, built with the training split (get_batch_iterator)
+        self._pending_drop, self._left_out, self._train_itr = None, None, None
         if cfg.drop_below is not None:  # a resumed epoch is re-batched once the task has its state (_rebatch_resumed_epoch)
             cfg.rebuild_batches = True
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -151,8 +151,8 @@ class ReweightedTranslationTask(TranslationTask):
         if cfg.drop_below is not None and cfg.reweight_method == "none":
             raise ValueError("--drop-below leaves out sentences by their weights; with --reweight-method none every "
                              "weight is 1: drop it, or choose l2rw/mwnet/deep")
-        if cfg.drop_below is not None and not 0 < cfg.drop_below < 1:
-            raise ValueError(f"--drop-below must be in (0, 1) (weights have mean 1), got {cfg.drop_below}")
+        if cfg.drop_below is not None:
+            check_threshold(cfg.drop_below)
         default = recipe.OTHER_INPUTS.get(str(cfg.reweight_method), "")
         if cfg.reweight_method != "deep" and cfg.teacher_inputs != default:
             raise ValueError(f"--teacher-inputs chooses the inputs of the deep teacher; --reweight-method "
@@ -197,7 +197,7 @@ class ReweightedTranslationTask(TranslationTask):
         lr = self.cfg.meta_lr if self.cfg.meta_lr is not None else optimizer.get_lr()
         weights, info = s.weights(update_num, features, out.loss, lr=lr, denom=denom,
                                   lookahead=lambda: self._lookahead(inner, criterion, sample, device),
-                                  groups=length_groups(sample["net_input"]["src_lengths"]))
+                                  groups=self._length_groups(sample))
         loss = (weights.to(out.loss.dtype) * out.loss).sum() * (0.0 if ignore_grad else 1.0)
         with torch.autograd.profiler.record_function("backward"):
             optimizer.backward(loss)
@@ -378,7 +378,7 @@ class ReweightedTranslationTask(TranslationTask):
         """fairseq's load_checkpoint builds the resumed epoch's iterator (and moves it to the saved position)
         before it hands the task its state; with --drop-below that epoch must leave out the saved mask's
         sentences, so the iterator's batches are rebuilt and it is moved to the same position again."""
-        itr, drop = getattr(self, "_train_itr", None), self.drop
+        itr, drop = self._train_itr, self.drop
         if itr is None or drop is None or drop.epoch != itr.epoch:
             return
         mask = drop.dropped.numpy().copy()
@@ -398,6 +398,12 @@ class ReweightedTranslationTask(TranslationTask):
         if self._drops(dataset) and self._left_out is not None:
             indices = indices[~self._left_out[indices]]
         return indices
+
+    def _length_groups(self, sample) -> Optional[torch.Tensor]:
+        """Each sentence's source-length bucket, where --weight-norm running-length reads it."""
+        if str(self.cfg.weight_norm) != "running-length":
+            return None
+        return length_groups(sample["net_input"]["src_lengths"])
 
     def _meta_dataset(self):
         split = self.cfg.meta_subset

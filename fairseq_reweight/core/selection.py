@@ -15,10 +15,14 @@ from typing import Callable, Optional
 import torch
 
 
+def check_threshold(threshold: float) -> None:
+    if not 0 < threshold < 1:
+        raise ValueError(f"--drop-below must be in (0, 1) (weights have mean 1), got {threshold}")
+
+
 class EpochDrop:
     def __init__(self, num_examples: int, threshold: float):
-        if not 0 < threshold < 1:
-            raise ValueError(f"--drop-below must be in (0, 1) (weights have mean 1), got {threshold}")
+        check_threshold(threshold)
         self.threshold = threshold
         self.sums = torch.zeros(num_examples, dtype=torch.float64)  # this epoch's weights, per example
         self.counts = torch.zeros(num_examples, dtype=torch.float64)
