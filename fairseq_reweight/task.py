@@ -53,6 +53,9 @@ class ReweightedTranslationConfig(TranslationConfig, ReweightConfig):
     teacher_prior_scale: Optional[float] = field(default=None, metadata={
         "help": "initial scale of --teacher-prior (default: tuned " + str(recipe.TUNED_DEEP["teacher_prior_scale"])
                 + ", paper " + str(recipe.PLAIN["teacher_prior_scale"]) + ")"})
+    teacher_prior_reference: str = field(default="train", metadata={
+        "help": "deep only: standardise --teacher-prior by the training batches' moments (train), or by the clean "
+                "meta set's, centred 2 standard deviations below its mean (meta: nothing is down-weighted on clean data)"})
     teacher_length_ratio: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     teacher_source_contrast: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     drop_below: Optional[float] = field(default=None, metadata={
@@ -123,7 +126,8 @@ class ReweightedTranslationTask(TranslationTask):
             teacher_weight_decay=cfg.teacher_weight_decay,
             passthrough=inputs.passthrough(self.inputs, FEATURES),  # e.g. training progress, already in [0, 1]
             all_reduce=_all_reduce_sum, world_size=_rank_world()[1], seed=cfg.seed, max_weight=cfg.max_weight,
-            teacher_prior_scale=cfg.teacher_prior_scale, weight_norm=str(cfg.weight_norm))
+            teacher_prior_scale=cfg.teacher_prior_scale, weight_norm=str(cfg.weight_norm),
+            prior_reference=cfg.teacher_prior_reference == "meta")
         self.strategy = strategies.build(
             cfg.meta_grad, self.reweighter, probe_layers=lambda: probe_layers(self._model, cfg.meta_params),
             refresh=cfg.meta_refresh, ema=cfg.meta_ema, precondition=str(cfg.meta_precondition),
@@ -136,6 +140,7 @@ class ReweightedTranslationTask(TranslationTask):
         self._restored = self._sync_logged = False
         self.drop: Optional[EpochDrop] = None  # --drop-below, built with the training split (get_batch_iterator)
         self._pending_drop, self._left_out, self._train_itr = None, None, None
+        self._meta_seen = None  # the meta batch of this update's fresh meta direction (_reference)
         if cfg.drop_below is not None:  # a resumed epoch is re-batched once the task has its state (_rebatch_resumed_epoch)
             cfg.rebuild_batches = True
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -153,6 +158,11 @@ class ReweightedTranslationTask(TranslationTask):
                              "weight is 1: drop it, or choose l2rw/mwnet/deep")
         if cfg.drop_below is not None:
             check_threshold(cfg.drop_below)
+        if cfg.teacher_prior_reference not in ("train", "meta"):
+            raise ValueError(f"--teacher-prior-reference must be train or meta, got {cfg.teacher_prior_reference!r}")
+        if cfg.teacher_prior_reference == "meta" and not cfg.teacher_prior:
+            raise ValueError("--teacher-prior-reference meta standardises the teacher's prior, and this run has none: "
+                             "drop it, or set --teacher-prior (e.g. source_contrast with --reweight-method deep)")
         default = recipe.OTHER_INPUTS.get(str(cfg.reweight_method), "")
         if cfg.reweight_method != "deep" and cfg.teacher_inputs != default:
             raise ValueError(f"--teacher-inputs chooses the inputs of the deep teacher; --reweight-method "
@@ -198,6 +208,7 @@ class ReweightedTranslationTask(TranslationTask):
         weights, info = s.weights(update_num, features, out.loss, lr=lr, denom=denom,
                                   lookahead=lambda: self._lookahead(inner, criterion, sample, device),
                                   groups=self._length_groups(sample))
+        self._reference(inner, criterion, self._meta_seen)  # after s.weights: the teacher exists (also on a resume)
         loss = (weights.to(out.loss.dtype) * out.loss).sum() * (0.0 if ignore_grad else 1.0)
         with torch.autograd.profiler.record_function("backward"):
             optimizer.backward(loss)
@@ -245,12 +256,31 @@ class ReweightedTranslationTask(TranslationTask):
     # ------------------------------------------------------------------ what the strategy needs from fairseq
     def _meta_loss(self, inner, criterion, device):
         """The clean per-token NLL of the next meta batch at the current parameters."""
-        out = criterion.per_sentence(inner, self._next_meta_batch(inner, device))
+        meta = self._next_meta_batch(inner, device)
+        self._meta_seen = meta  # for _reference, after the strategy's probed forward
+        out = criterion.per_sentence(inner, meta)
         return out.nll.sum() / out.mask.sum()
+
+    def _reference(self, inner, criterion, meta) -> None:
+        """--teacher-prior-reference meta: the meta batch's values of the prior's input, the clean reference the
+        teacher standardises its prior by. Its own forward without graph (the RNG untouched: exact resume), as the
+        training batches' (source contrast in eval mode)."""
+        self._meta_seen = None
+        if (meta is None or self.cfg.teacher_prior_reference != "meta" or not self.cfg.teacher_prior
+                or self.reweighter.teacher is None):
+            return
+        with torch.no_grad(), torch.random.fork_rng(devices=[meta["target"].device]
+                                                    if meta["target"].device.type == "cuda" else []):
+            out = criterion.per_sentence(inner, meta)
+            contrast = (criterion.source_contrast(inner, meta, out)
+                        if self.cfg.teacher_prior == "source_contrast" else None)
+            values = FEATURES[self.cfg.teacher_prior].compute(Batch(out, meta, contrast, 0.0))[:, 0]
+        self.reweighter.add_reference(values)
 
     def _lookahead(self, inner, criterion, sample, device):
         """fd/exact: ``(params, train_losses(p), meta_loss(p))`` for the look-ahead (core/strategies/lookahead.py)."""
         student, meta_sample = _Student(inner, criterion), self._next_meta_batch(inner, device)
+        self._reference(inner, criterion, meta_sample)
         params = {n: p for n, p in inner.named_parameters() if p.requires_grad}
 
         def prefixed(p):

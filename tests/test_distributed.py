@@ -211,17 +211,19 @@ def test_nan_meta_loss_skips_the_teacher_update_only(tiny_data):
 
 
 # ---------------------------------------------------------------------- exact resume
-@pytest.mark.parametrize("interval", [1, 2, "refresh2-ema", "running", "running-length"])
+@pytest.mark.parametrize("interval", [1, 2, "refresh2-ema", "running", "running-length", "prior-reference"])
 def test_resume_mid_epoch_continues_exactly(tiny_data, tmp_path, interval):
     """Interrupt after 3 updates (mid-epoch) and resume: the next updates' weights and losses, and the final
     student and teacher, equal those of an uninterrupted run (teacher, its Adam state and input moments,
     the meta iterator, the averaged meta direction, the running output means of --weight-norm running(-length) and
     fairseq's per-update seeds all come back)."""
     averaged = interval == "refresh2-ema"
-    extra = ["--meta-interval", "1" if interval in ("refresh2-ema", "running", "running-length") else str(interval),
+    extra = ["--meta-interval", str(interval) if isinstance(interval, int) else "1",
              "--save-interval-updates", "3", "--teacher-progress-horizon", "6"] + (
         ["--meta-refresh", "2", "--meta-ema", "0.9"] if averaged else []) + (
-        ["--weight-norm", interval] if str(interval).startswith("running") else [])
+        ["--weight-norm", interval] if str(interval).startswith("running") else []) + (
+        ["--teacher-inputs", "states,token_stats,source_contrast,progress", "--teacher-prior", "source_contrast",
+         "--teacher-prior-reference", "meta"] if interval == "prior-reference" else [])
 
     def rows(path):
         return [line.split("\t") for line in path.read_text().splitlines()[1:]]
@@ -248,6 +250,8 @@ def test_resume_mid_epoch_continues_exactly(tiny_data, tmp_path, interval):
         assert int(ta["out_norm.count"].sum()) >= 6  # every update folded in (running-length: per length bucket)
     if interval == "running-length":
         assert int((ta["out_norm.count"] > 0).sum()) >= 2  # the tiny data's batches span several length buckets
+    if interval == "prior-reference":  # the meta batches' source contrast was folded in (every fresh direction)
+        assert int(ta["reference.count"]) >= 3 and float(ta["reference.sq"]) > 0
     if averaged:  # 6 meta updates, a fresh meta batch at updates 0, 2, 4 (the run was cut at 3: a reused one)
         da = sa["extra_state"]["ReweightedTranslationTask"]["meta_direction"]
         db = sb["extra_state"]["ReweightedTranslationTask"]["meta_direction"]
@@ -295,6 +299,7 @@ DDP_CASES = {
     "deep-recipe": ("deep", ["--teacher-inputs", "states,token_stats,source_contrast,progress", "--max-weight", "2", "--meta-precondition", "adam"]),
     "deep-tuned-defaults": ("deep", ["--reweight-recipe", "tuned"]),  # warm-up, contrast, refresh/EMA, cap, adam
     "deep-drop-below": ("deep", ["--teacher-lr", "0.05", "--drop-below", "0.5"]),  # epochs shrink, masks all-reduced
+    "deep-prior-reference": ("deep", ["--reweight-recipe", "tuned", "--teacher-prior-reference", "meta"]),
 }
 
 

@@ -67,6 +67,7 @@ class Reweighter:
         teacher_weight_decay: float = 0.0,
         teacher_prior_scale: float = 2.0,
         weight_norm: str = "batch",
+        prior_reference: bool = False,
     ):
         if str(method) not in METHODS:
             raise ValueError(f"unknown reweighting method {method!r}; choose one of {', '.join(METHODS)}")
@@ -100,6 +101,7 @@ class Reweighter:
         # an input column the teacher starts from (Teacher's ``prior``); set before the teacher is built
         self.teacher_prior: Optional[int] = None
         self.teacher_prior_scale = teacher_prior_scale
+        self.prior_reference = prior_reference  # the prior standardised by a clean reference's moments (Teacher)
         self.teacher: Optional[Teacher] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.meta_steps = 0
@@ -129,7 +131,8 @@ class Reweighter:
                 self.teacher = Teacher(in_dim, self.teacher_hidden, self.teacher_layers, self.passthrough,
                                        self.teacher_prior, self.teacher_prior_scale,
                                        output_groups=OUTPUT_GROUPS[self.weight_norm],
-                                       output_momentum=OUTPUT_MOMENTUM[self.weight_norm]).to(device)
+                                       output_momentum=OUTPUT_MOMENTUM[self.weight_norm],
+                                       prior_reference=self.prior_reference).to(device)
             if self.teacher_weight_decay > 0:  # the decay pulls the MLP towards zero, not the prior's scale
                 prior = [p for n, p in self.teacher.named_parameters() if n == "prior_scale"]
                 rest = [p for n, p in self.teacher.named_parameters() if n != "prior_scale"]
@@ -162,6 +165,9 @@ class Reweighter:
                     if pending is not None and pending.numel() == 3:  # [sum, sum of squares, n] before session 23
                         pending = pending[[0, 2]]
                     self.teacher.out_norm._acc = None if pending is None else pending.to(device)
+                if self.teacher.reference is not None:
+                    pending = state.get("pending_reference")
+                    self.teacher.reference._acc = None if pending is None else pending.to(device)
         elif self.teacher.in_dim != in_dim:
             raise ValueError(f"teacher built for {self.teacher.in_dim} features, got {in_dim}")
         return self.teacher
@@ -179,6 +185,7 @@ class Reweighter:
             # input moments of batches since the last meta update (--meta-interval > 1), for an exact resume
             "pending_moments": self.teacher.norm._acc,
             "pending_out_norm": None if self.teacher.out_norm is None else self.teacher.out_norm._acc,
+            "pending_reference": None if self.teacher.reference is None else self.teacher.reference._acc,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -263,6 +270,12 @@ class Reweighter:
             out_norm.accumulate(raw.detach(), groups)
         return normalize(raw, self.max_weight, scale=self.teacher.output_scale(groups, raw))
 
+    def add_reference(self, values: torch.Tensor) -> None:
+        """Clean reference values of the prior's input (``[B]``, the meta set's), folded in by :meth:`end_update`;
+        nothing before the teacher exists or without ``prior_reference``."""
+        if self.teacher is not None and self.teacher.reference is not None:
+            self.teacher.reference.accumulate(values.detach().float()[:, None])
+
     def accumulate(self, w: torch.Tensor, mg: MetaGrad, info: Dict[str, float]) -> bool:
         """Back-propagate ``dL_meta/dw`` through the weights ``w`` into the teacher's gradients."""
         ok = self._count(info, mg, step=False) and self._backward(w, mg)
@@ -276,7 +289,7 @@ class Reweighter:
         every update (and after :meth:`step_teacher` on meta updates)."""
         if self.teacher is None:
             return
-        for norm in (self.teacher.norm, self.teacher.out_norm):
+        for norm in (self.teacher.norm, self.teacher.out_norm, self.teacher.reference):
             if norm is not None:
                 norm.commit(self.all_reduce if self.world_size > 1 else None)
 

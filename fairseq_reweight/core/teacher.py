@@ -161,11 +161,19 @@ class Teacher(nn.Module):
     ``prior``: the index of a standardised input column the teacher starts from: ``prior_scale`` (learned, from
     its initial value) times that column's standardised value (clipped to [-3, 3]) is added to the logit, so the
     teacher ranks by that input from its first step and the meta-gradient corrects it from there.
+
+    ``prior_reference``: standardise the prior's column by the moments of a clean reference (``reference``: the
+    meta set's values of that input, folded in like the input moments) instead of the training batches', and
+    centre it :data:`PRIOR_MARGIN` standard deviations below the clean mean: a pair gets the prior's low weight only
+    where it falls that far below what clean pairs show, however much of the corpus is noise (none, on clean data).
+    Before any reference value is folded in, the prior reads the training batches' standardisation.
     """
+
+    PRIOR_MARGIN = 2.0
 
     def __init__(self, in_dim: int, hidden: int = 100, num_layers: int = 1, passthrough: int = 0,
                  prior: Optional[int] = None, prior_scale: float = 2.0, output_groups: int = 0,
-                 output_momentum: float = 0.02):
+                 output_momentum: float = 0.02, prior_reference: bool = False):
         super().__init__()
         if not 0 <= passthrough <= in_dim:
             raise ValueError(f"passthrough={passthrough} must be within [0, in_dim={in_dim}]")
@@ -175,6 +183,8 @@ class Teacher(nn.Module):
         if prior is not None:
             self.prior_scale = nn.Parameter(torch.tensor(float(prior_scale)))
         self.norm = RunningNorm(in_dim - passthrough)
+        # --teacher-prior-reference meta: the clean meta set's moments of the prior's input
+        self.reference = RunningNorm(1, momentum=0.05) if (prior_reference and prior is not None) else None
         # --weight-norm running(-length): the running mean of the output (per group), which divides it into the weights
         self.out_norm = RunningMean(output_groups, output_momentum) if output_groups else None
         layers, d = [], in_dim
@@ -205,5 +215,18 @@ class Teacher(nn.Module):
         z = self.norm(x[:, :k])
         logit = self.out(self.body(torch.cat([z, x[:, k:]], 1) if self.passthrough else z)).squeeze(-1)
         if self.prior is not None:
-            logit = logit + self.prior_scale * z[:, self.prior].clamp(-3.0, 3.0)
+            logit = logit + self.prior_scale * self.prior_value(x, z).clamp(-3.0, 3.0)
         return torch.sigmoid(logit)
+
+    def prior_value(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The prior's column as the logit reads it: standardised by the training batches' moments, or (with a
+        clean reference folded in) by the reference's, shifted up by the margin."""
+        if self.reference is None or int(self.reference.count) == 0:
+            return z[:, self.prior]
+        return self.reference(x[:, self.prior:self.prior + 1])[:, 0] + self.PRIOR_MARGIN
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.reference is not None and prefix + "reference.mean" not in state_dict:  # a teacher saved without one
+            for k, v in self.reference.state_dict().items():
+                state_dict[prefix + "reference." + k] = v
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
