@@ -126,6 +126,7 @@ def test_finetune_plain_translation_checkpoint(tiny_data, tmp_path):
     (["--reweight-method", "mwnet", "--teacher-inputs", "loss,length_ratio"], "mwnet keeps its published form"),
     (["--teacher-inputs", "states,nosuch"], "unknown input(s) nosuch; choose from states"),
     (["--teacher-prior", "progress"], "--teacher-prior progress: the deep teacher's prior must be one of its standardised"),
+    (["--teacher-prior", "none", "--teacher-prior-reference", "meta"], "--teacher-prior-reference meta standardises"),
     (["--teacher-source-contrast"], "--teacher-source-contrast was replaced by --teacher-inputs: name source_contrast"),
     (["--meta-params", "attention"], "--meta-params 'attention': use auto, or a comma-separated list"),
     (["--meta-grad", "fd", "--meta-ema", "0.9"], "--meta-refresh/--meta-ema reuse and average the meta direction"),

@@ -544,6 +544,48 @@ def test_teacher_prior_ranks_by_its_input_from_the_start_and_learns_its_scale():
         Teacher(5, passthrough=1, prior=4)
 
 
+def test_teacher_prior_reference_standardises_the_prior_by_the_clean_reference():
+    """--teacher-prior-reference meta: once reference values (the meta set's) are folded in, the prior's column is
+    standardised by their moments and shifted up by the margin, so a batch that is all like the reference gets the
+    prior's high weight whatever its own spread (the training batches' standardisation gives its lower half a low
+    one); before any reference value, and for a teacher saved without a reference, it reads the training
+    standardisation; the reference moments fold in with the others (Reweighter.end_update) and resume."""
+    torch.manual_seed(0)
+    clean = torch.randn(256, 3) + torch.tensor([0.0, 2.0, 0.0])  # column 1 (the prior): clean pairs around 2
+    t = Teacher(3, hidden=8, prior=1, prior_scale=4.0, prior_reference=True)
+    t.norm.update(clean)
+    plain = Teacher(3, hidden=8, prior=1, prior_scale=4.0)
+    plain.norm.update(clean)
+    assert torch.equal(t(clean), plain(clean))  # no reference yet: the training standardisation
+    assert float((plain(clean) < 0.1).float().mean()) > 0.2  # which gives a clean batch's lower part a low weight
+    t.reference.update(clean[:, 1:2])
+    ref_z = (clean[:, 1] - t.reference.mean[0]) / (t.reference.sq[0] - t.reference.mean[0] ** 2).sqrt()
+    assert torch.allclose(t(clean), torch.sigmoid(4.0 * (ref_z + Teacher.PRIOR_MARGIN).clamp(-3, 3)), atol=1e-5)
+    assert float((t(clean) < 0.1).float().mean()) < 0.01  # all but the far tail of clean pairs keep a high weight
+    noise = clean.clone()
+    noise[:, 1] = 2.0 - 4.0 + 0.3 * torch.randn(256)  # 4 sd below the clean mean (misaligned pairs' contrast)
+    assert float(t(noise).max()) < 0.05
+    saved = {k: v for k, v in t.state_dict().items() if not k.startswith("reference.")}
+    again = Teacher(3, hidden=8, prior=1, prior_scale=4.0, prior_reference=True)
+    again.load_state_dict(saved)  # a teacher saved before the reference existed: loads, reference empty
+    assert int(again.reference.count) == 0 and torch.equal(again(clean), plain(clean))
+    rw = Reweighter("deep", weight_norm="running", prior_reference=True)
+    rw.teacher_prior = 1
+    rw.add_reference(clean[:, 1])  # before the teacher exists: nothing to fold into
+    rw.teacher_weights(1, clean)
+    rw.add_reference(clean[:8, 1])
+    state = rw.state_dict()
+    assert state["pending_reference"] is not None
+    back = Reweighter("deep", weight_norm="running", prior_reference=True)
+    back.teacher_prior = 1
+    back.load_state_dict(state)
+    back.ensure_teacher(3, torch.device("cpu"))
+    rw.end_update()
+    back.end_update()
+    assert int(rw.teacher.reference.count) == 1 and torch.equal(back.teacher.reference.mean, rw.teacher.reference.mean)
+    assert float(rw.teacher.reference.mean[0]) == pytest.approx(float(clean[:8, 1].mean()), abs=1e-6)
+
+
 def test_normalize_running_scale_keeps_the_batch_gradient_and_lets_bad_batches_weigh_less():
     """--weight-norm running: the weights are the teacher's outputs divided by their mean over batches (capped),
     so a batch of low outputs keeps a low total weight instead of mean one; the gradient is the batch
