@@ -53,14 +53,16 @@ class ReweightedTranslationConfig(TranslationConfig, ReweightConfig):
     teacher_prior_scale: Optional[float] = field(default=None, metadata={
         "help": "initial scale of --teacher-prior (default: tuned " + str(recipe.TUNED_DEEP["teacher_prior_scale"])
                 + ", paper " + str(recipe.PLAIN["teacher_prior_scale"]) + ")"})
-    teacher_prior_reference: str = field(default="train", metadata={
+    teacher_prior_reference: str = field(default="auto", metadata={
         "help": "deep only: standardise --teacher-prior by the training batches' moments (train), or by the clean "
-                "meta set's, centred 2 standard deviations below its mean (meta: nothing is down-weighted on clean data)"})
+                "meta set's, centred 2 standard deviations below its mean (meta); auto: the recipe's (tuned: "
+                + recipe.TUNED_DEEP["teacher_prior_reference"] + "; paper: train)"})
     teacher_length_ratio: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     teacher_source_contrast: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     drop_below: Optional[float] = field(default=None, metadata={
         "help": "leave out of every later epoch the training sentences whose mean weight in an epoch was below this "
-                "(the teacher as a filter during training; weights have mean 1)"})
+                "(the teacher as a filter during training; weights have mean 1); 0: none; default: the recipe's "
+                "(tuned: " + str(recipe.TUNED_DEEP["drop_below"] or "none") + "; paper: none)"})
     train_subset: str = II("dataset.train_subset")
     rebuild_batches: bool = field(default=False, metadata={
         "help": "build each epoch's batches when it starts (as fairseq's audio tasks; set by --drop-below)"})
@@ -106,7 +108,8 @@ class ReweightedTranslationTask(TranslationTask):
             meta_refresh=cfg.meta_refresh, meta_ema=cfg.meta_ema, max_weight=cfg.max_weight,
             meta_precondition=str(cfg.meta_precondition), teacher_inputs=cfg.teacher_inputs,
             reweight_warmup=cfg.reweight_warmup, teacher_prior=cfg.teacher_prior,
-            teacher_prior_scale=cfg.teacher_prior_scale, teacher_lr=cfg.teacher_lr, weight_norm=cfg.weight_norm)
+            teacher_prior_scale=cfg.teacher_prior_scale, teacher_lr=cfg.teacher_lr, weight_norm=cfg.weight_norm,
+            drop_below=cfg.drop_below, teacher_prior_reference=cfg.teacher_prior_reference)
         for k, v in resolved.items():
             setattr(cfg, k, v)
         # the recipe's Adam preconditioning falls back to none for a student optimizer without Adam moments

@@ -492,11 +492,12 @@ def test_recipe_resolves_unset_flags_and_keeps_explicit_ones():
     assert tuned == {"meta_refresh": 4, "meta_ema": 0.9, "max_weight": 2.0, "meta_precondition": "adam",
                      "teacher_inputs": "states,token_stats,source_contrast,progress", "reweight_warmup": 400,
                      "teacher_lr": 1e-4, "teacher_prior_scale": 4.0, "teacher_prior": "source_contrast",
-                     "weight_norm": "running"}
+                     "weight_norm": "running", "drop_below": None, "teacher_prior_reference": "train"}
     paper = recipe.resolve("paper", "deep", "fast", 1200)
     assert paper == {"meta_refresh": 1, "meta_ema": 0.0, "max_weight": None, "meta_precondition": "none",
                      "teacher_inputs": "states,token_stats,progress", "reweight_warmup": 0,
-                     "teacher_lr": 1e-3, "teacher_prior_scale": 2.0, "teacher_prior": "", "weight_norm": "batch"}
+                     "teacher_lr": 1e-3, "teacher_prior_scale": 2.0, "teacher_prior": "", "weight_norm": "batch",
+                     "drop_below": None, "teacher_prior_reference": "train"}
     for method in ("none", "l2rw", "mwnet"):  # the published forms under both recipes
         assert recipe.resolve("tuned", method, "fast", 1200) == {
             **paper, "teacher_inputs": "loss" if method == "mwnet" else "",
@@ -512,6 +513,9 @@ def test_recipe_resolves_unset_flags_and_keeps_explicit_ones():
     assert mine["meta_refresh"] == 1 and mine["max_weight"] is None and mine["reweight_warmup"] == 0
     assert mine["meta_ema"] == 0.9 and mine["meta_precondition"] == "none"
     assert recipe.resolve("tuned", "deep", "fast", 1200, weight_norm="batch")["weight_norm"] == "batch"
+    mine = recipe.resolve("tuned", "deep", "fast", 1200, drop_below=0.3, teacher_prior_reference="meta")
+    assert mine["drop_below"] == 0.3 and mine["teacher_prior_reference"] == "meta"
+    assert recipe.resolve("tuned", "deep", "fast", 1200, drop_below=0)["drop_below"] is None  # 0: none
     fd = recipe.resolve("tuned", "deep", "fd", 1200)
     assert (fd["meta_refresh"], fd["meta_ema"], fd["meta_precondition"]) == (1, 0.0, "none")
     assert fd["max_weight"] == 2.0 and "source_contrast" in fd["teacher_inputs"] and fd["reweight_warmup"] == 400

@@ -18,10 +18,11 @@ from .config import RECIPES  # noqa: F401
 TUNED_DEEP = {"meta_refresh": 4, "meta_ema": 0.9, "max_weight": 2.0, "meta_precondition": "adam",
               "teacher_inputs": "states,token_stats,source_contrast,progress", "warmup_fraction": 1 / 3,
               "teacher_prior": "source_contrast", "teacher_prior_scale": 4.0, "teacher_lr": 1e-4,
-              "weight_norm": "running"}
+              "weight_norm": "running", "drop_below": 0.0, "teacher_prior_reference": "train"}
 PLAIN = {"meta_refresh": 1, "meta_ema": 0.0, "max_weight": None, "meta_precondition": "none",
          "teacher_inputs": "states,token_stats,progress", "warmup_fraction": 0.0,
-         "teacher_prior": "", "teacher_prior_scale": 2.0, "teacher_lr": 1e-3, "weight_norm": "batch"}
+         "teacher_prior": "", "teacher_prior_scale": 2.0, "teacher_lr": 1e-3, "weight_norm": "batch",
+         "drop_below": 0.0, "teacher_prior_reference": "train"}
 # images (Fashion-MNIST, 40 % uniform noise, 2 seeds, examples/image/max_weight/): the deep teacher capped at 2
 # and decayed (+3.2 points over none, weight AUC 0.93/0.94; uncapped and undecayed: AUC 0.87/0.79)
 TUNED_DEEP_IMAGE = {"max_weight": 2.0, "teacher_weight_decay": 3.0}
@@ -45,9 +46,10 @@ def resolve(recipe: str, method: str, meta_grad: str, max_update: int, *, meta_r
             meta_precondition: str = "auto", teacher_inputs: str = "auto",
             reweight_warmup: Optional[int] = None, teacher_prior: str = "auto",
             teacher_prior_scale: Optional[float] = None, teacher_lr: Optional[float] = None,
-            weight_norm: Optional[str] = None) -> dict:
+            weight_norm: Optional[str] = None, drop_below: Optional[float] = None,
+            teacher_prior_reference: str = "auto") -> dict:
     """The values of the recipe-dependent flags: the explicit ones (not None / "auto") as given, the others
-    from the recipe. ``max_weight`` 0 means no cap; ``teacher_prior`` "none" means no prior. Flags of
+    from the recipe. ``max_weight`` 0 means no cap, ``drop_below`` 0 no drop (None out); ``teacher_prior`` "none" means no prior. Flags of
     ``--meta-grad fast`` only stay plain with fd/exact, and ``teacher_lr`` stays unset for methods without a
     teacher, so that the checks of flags without effect do not fire on values the user did not set."""
     _check(recipe)
@@ -65,6 +67,9 @@ def resolve(recipe: str, method: str, meta_grad: str, max_update: int, *, meta_r
                        if teacher_lr is None else teacher_lr),
         "teacher_prior_scale": default["teacher_prior_scale"] if teacher_prior_scale is None else teacher_prior_scale,
         "weight_norm": default["weight_norm"] if weight_norm is None else str(weight_norm),
+        "drop_below": _cap(drop_below, default["drop_below"] or None),
+        "teacher_prior_reference": (default["teacher_prior_reference"] if teacher_prior_reference in (None, "auto")
+                                    else str(teacher_prior_reference)),
         "reweight_warmup": (int(round(default["warmup_fraction"] * max_update)) if max_update and max_update > 0
                             else 0) if reweight_warmup is None else reweight_warmup,
     }
@@ -73,6 +78,8 @@ def resolve(recipe: str, method: str, meta_grad: str, max_update: int, *, meta_r
         out["teacher_prior"] = prior if prior in out["teacher_inputs"].split(",") else ""
     else:
         out["teacher_prior"] = "" if teacher_prior == "none" else teacher_prior
+    if teacher_prior_reference in (None, "auto") and not out["teacher_prior"]:
+        out["teacher_prior_reference"] = "train"  # the recipe's reference only where there is a prior
     return out
 
 
