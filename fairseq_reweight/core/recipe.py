@@ -67,9 +67,6 @@ def resolve(recipe: str, method: str, meta_grad: str, max_update: int, *, meta_r
                        if teacher_lr is None else teacher_lr),
         "teacher_prior_scale": default["teacher_prior_scale"] if teacher_prior_scale is None else teacher_prior_scale,
         "weight_norm": default["weight_norm"] if weight_norm is None else str(weight_norm),
-        "drop_below": _cap(drop_below, default["drop_below"] or None),
-        "teacher_prior_reference": (default["teacher_prior_reference"] if teacher_prior_reference in (None, "auto")
-                                    else str(teacher_prior_reference)),
         "reweight_warmup": (int(round(default["warmup_fraction"] * max_update)) if max_update and max_update > 0
                             else 0) if reweight_warmup is None else reweight_warmup,
     }
@@ -78,8 +75,10 @@ def resolve(recipe: str, method: str, meta_grad: str, max_update: int, *, meta_r
         out["teacher_prior"] = prior if prior in out["teacher_inputs"].split(",") else ""
     else:
         out["teacher_prior"] = "" if teacher_prior == "none" else teacher_prior
-    if teacher_prior_reference in (None, "auto") and not out["teacher_prior"]:
-        out["teacher_prior_reference"] = "train"  # the recipe's reference only where there is a prior
+    out["teacher_prior_reference"] = (  # the recipe's reference only where there is a prior
+        (default["teacher_prior_reference"] if out["teacher_prior"] else "train")
+        if teacher_prior_reference in (None, "auto") else str(teacher_prior_reference))
+    out["drop_below"] = _cap(drop_below, default["drop_below"] or None)
     return out
 
 
