@@ -55,7 +55,7 @@ class ReweightedTranslationConfig(TranslationConfig, ReweightConfig):
                 + ", paper " + str(recipe.PLAIN["teacher_prior_scale"]) + ")"})
     teacher_prior_reference: str = field(default="auto", metadata={
         "help": "deep only: standardise --teacher-prior by the training batches' moments (train), or by the clean "
-                "meta set's, centred 2 standard deviations below its mean (meta); auto: the recipe's (tuned: "
+                "meta set's, centred one standard deviation below its mean (meta); auto: the recipe's (tuned: "
                 + recipe.TUNED_DEEP["teacher_prior_reference"] + "; paper: train)"})
     teacher_length_ratio: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     teacher_source_contrast: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})

@@ -164,12 +164,12 @@ class Teacher(nn.Module):
 
     ``prior_reference``: standardise the prior's column by the moments of a clean reference (``reference``: the
     meta set's values of that input, folded in like the input moments) instead of the training batches', and
-    centre it :data:`PRIOR_MARGIN` standard deviations below the clean mean: a pair gets the prior's low weight only
-    where it falls that far below what clean pairs show, however much of the corpus is noise (none, on clean data).
+    centre it :data:`PRIOR_MARGIN` standard deviation below the clean mean: a pair gets the prior's low weight only
+    where it falls that far below what clean pairs show, however much of the corpus is noise (on clean data: the lower tail only).
     Before any reference value is folded in, the prior reads the training batches' standardisation.
     """
 
-    PRIOR_MARGIN = 2.0
+    PRIOR_MARGIN = 1.0
 
     def __init__(self, in_dim: int, hidden: int = 100, num_layers: int = 1, passthrough: int = 0,
                  prior: Optional[int] = None, prior_scale: float = 2.0, output_groups: int = 0,
