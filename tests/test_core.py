@@ -492,7 +492,7 @@ def test_recipe_resolves_unset_flags_and_keeps_explicit_ones():
     assert tuned == {"meta_refresh": 4, "meta_ema": 0.9, "max_weight": 2.0, "meta_precondition": "adam",
                      "teacher_inputs": "states,token_stats,source_contrast,progress", "reweight_warmup": 400,
                      "teacher_lr": 1e-4, "teacher_prior_scale": 4.0, "teacher_prior": "source_contrast",
-                     "weight_norm": "running", "drop_below": None, "teacher_prior_reference": "train"}
+                     "weight_norm": "running", "drop_below": 0.25, "teacher_prior_reference": "meta"}
     paper = recipe.resolve("paper", "deep", "fast", 1200)
     assert paper == {"meta_refresh": 1, "meta_ema": 0.0, "max_weight": None, "meta_precondition": "none",
                      "teacher_inputs": "states,token_stats,progress", "reweight_warmup": 0,
@@ -516,6 +516,8 @@ def test_recipe_resolves_unset_flags_and_keeps_explicit_ones():
     mine = recipe.resolve("tuned", "deep", "fast", 1200, drop_below=0.3, teacher_prior_reference="meta")
     assert mine["drop_below"] == 0.3 and mine["teacher_prior_reference"] == "meta"
     assert recipe.resolve("tuned", "deep", "fast", 1200, drop_below=0)["drop_below"] is None  # 0: none
+    # the prior's clean reference only where there is a prior
+    assert recipe.resolve("tuned", "deep", "fast", 1200, teacher_prior="none")["teacher_prior_reference"] == "train"
     fd = recipe.resolve("tuned", "deep", "fd", 1200)
     assert (fd["meta_refresh"], fd["meta_ema"], fd["meta_precondition"]) == (1, 0.0, "none")
     assert fd["max_weight"] == 2.0 and "source_contrast" in fd["teacher_inputs"] and fd["reweight_warmup"] == 400

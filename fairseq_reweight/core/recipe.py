@@ -4,7 +4,10 @@
 a plain warm-up of the first third of ``--max-update``, source contrast among the teacher's inputs, a fresh
 meta direction every 4 meta updates averaged with decay 0.9, weights capped at 2 and divided by the teacher's
 running mean output (not the batch mean: fairseq's length-bucketed batches of mostly misaligned pairs would
-otherwise get mean weight one), and the meta direction preconditioned like the student's Adam step. ``paper`` is Fan et al. (2021) as published: no warm-up, the
+otherwise get mean weight one), the meta direction preconditioned like the student's Adam step, the prior
+standardised by the clean meta set's source contrast (not the training batches': those make the teacher weight the
+lower part of any corpus, a clean one too, near zero), and the pairs whose mean weight in an epoch fell below 0.25
+left out of later epochs (the teacher as a filter during training). ``paper`` is Fan et al. (2021) as published: no warm-up, the
 teacher on decoder states, token-loss statistics and progress, a fresh meta direction every update, no
 cap, the raw look-ahead direction. ``l2rw`` and ``mwnet`` keep their published forms under both recipes.
 A flag given explicitly always wins over the recipe.
@@ -18,7 +21,7 @@ from .config import RECIPES  # noqa: F401
 TUNED_DEEP = {"meta_refresh": 4, "meta_ema": 0.9, "max_weight": 2.0, "meta_precondition": "adam",
               "teacher_inputs": "states,token_stats,source_contrast,progress", "warmup_fraction": 1 / 3,
               "teacher_prior": "source_contrast", "teacher_prior_scale": 4.0, "teacher_lr": 1e-4,
-              "weight_norm": "running", "drop_below": 0.0, "teacher_prior_reference": "train"}
+              "weight_norm": "running", "drop_below": 0.25, "teacher_prior_reference": "meta"}
 PLAIN = {"meta_refresh": 1, "meta_ema": 0.0, "max_weight": None, "meta_precondition": "none",
          "teacher_inputs": "states,token_stats,progress", "warmup_fraction": 0.0,
          "teacher_prior": "", "teacher_prior_scale": 2.0, "teacher_lr": 1e-3, "weight_norm": "batch",
