@@ -274,9 +274,17 @@ class ReweightedTranslationTask(TranslationTask):
             return
         with torch.no_grad(), torch.random.fork_rng(devices=[meta["target"].device]
                                                     if meta["target"].device.type == "cuda" else []):
-            out = criterion.per_sentence(inner, meta)
-            contrast = (criterion.source_contrast(inner, meta, out)
-                        if self.cfg.teacher_prior == "source_contrast" else None)
+            contrast = None
+            if self.cfg.teacher_prior == "source_contrast":  # in eval mode, so source_contrast reuses this pass
+                was_training = inner.training
+                inner.eval()
+                try:
+                    out = criterion.per_sentence(inner, meta)
+                    contrast = criterion.source_contrast(inner, meta, out)
+                finally:
+                    inner.train(was_training)
+            else:
+                out = criterion.per_sentence(inner, meta)
             values = FEATURES[self.cfg.teacher_prior].compute(Batch(out, meta, contrast, 0.0))[:, 0]
         self.reweighter.add_reference(values)
 
