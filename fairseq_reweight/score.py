@@ -78,7 +78,7 @@ def _load(path: str, data: str, split: str, cpu: bool):
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
-    overrides = {"data": data}
+    overrides = {"data": data, "drop_below": 0}  # every pair is scored, also those --drop-below left out in training
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides=overrides)
     model = models[0].eval()
     if torch.cuda.is_available() and not cpu:

@@ -15,21 +15,27 @@ def noisy(tmp_path_factory):
     return preprocess(root / "raw", root / "bin"), corrupted
 
 
-def last_weights(data, corrupted, tmp_path, method, recipe=()):
+def dumped_weights(data, tmp_path, method, recipe=()):
+    """(update, pair id, weight) rows of a 300-update run's --dump-weights."""
     dump = tmp_path / f"{method}.tsv"
     run(train_cmd(data, tmp_path / method, method, max_update=300,
                   extra=["--lr", "5e-3", "--reweight-warmup", "100", "--dump-weights", dump, *recipe]))
-    rows = np.loadtxt(dump, skiprows=1)
-    last = rows[rows[:, 0] >= 250]  # the last 50 updates: every training pair about 7 times
-    assert len(set(last[:, 1].astype(int))) >= 285  # nearly every pair is scored
-    clean = np.array([int(i) not in corrupted for i in last[:, 1].astype(int)])
-    return last[:, 2], clean
+    return np.loadtxt(dump, skiprows=1)
 
 
-def test_deep_teacher_ranks_corrupted_pairs_below_clean(noisy, tmp_path):
-    """The default (tuned) teacher. Ranking and size: AUC > 0.8, and corrupted pairs get at most 2/3 of a clean pair's mean weight (uniform
-    weights, AUC 0.5 from ties, fail both)."""
+def test_deep_teacher_ranks_corrupted_pairs_below_clean_and_leaves_them_out(noisy, tmp_path):
+    """The default (tuned) teacher. Ranking and size over the first reweighted updates: AUC > 0.8, and corrupted pairs
+    get at most 2/3 of a clean pair's mean weight; filter (--drop-below, on by default): the pairs no longer scored
+    over the last 50 updates (every kept pair about 7 times) are at least 90 % of the corrupted ones and at most 10 %
+    of the clean ones. Uniform weights (AUC 0.5 from ties, nothing left out) fail all three."""
     data, corrupted = noisy
-    w, clean = last_weights(data, corrupted, tmp_path, "deep", ["--reweight-recipe", "tuned"])
+    rows = dumped_weights(data, tmp_path, "deep", ["--reweight-recipe", "tuned"])
+    first = rows[(rows[:, 0] >= 100) & (rows[:, 0] < 150)]
+    w, ids = first[:, 2], first[:, 1].astype(int)
+    clean = np.array([i not in corrupted for i in ids])
     assert auc(w, clean) > 0.8
     assert w[~clean].mean() < 2 / 3 * w[clean].mean(), (w[~clean].mean(), w[clean].mean())
+    scored = set(rows[rows[:, 0] >= 250][:, 1].astype(int))
+    left_out = set(range(300)) - scored
+    assert len(left_out & set(corrupted)) >= 90, len(left_out & set(corrupted))
+    assert len(left_out - set(corrupted)) <= 20, len(left_out - set(corrupted))
