@@ -27,7 +27,7 @@ import argparse
 import math
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 

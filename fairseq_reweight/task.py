@@ -25,7 +25,6 @@ from torch import nn
 from . import compat, splits  # noqa: F401  (compat: checkpoint loading under torch >= 2.6)
 from .core import ReweightConfig, Reweighter, WeightDumper, functional_call, parse_states_spec, recipe
 from .core import strategies, weight_stats
-from .core.reweighter import length_groups
 from .core.selection import EpochDrop, check_threshold
 from .core import features as inputs
 from .criterion import check_model, num_decoder_layers
@@ -209,8 +208,7 @@ class ReweightedTranslationTask(TranslationTask):
         denom = float(sample["target"].size(0) if criterion.sentence_avg else sample["ntokens"])
         lr = self.cfg.meta_lr if self.cfg.meta_lr is not None else optimizer.get_lr()
         weights, info = s.weights(update_num, features, out.loss, lr=lr, denom=denom,
-                                  lookahead=lambda: self._lookahead(inner, criterion, sample, device),
-                                  groups=self._length_groups(sample))
+                                  lookahead=lambda: self._lookahead(inner, criterion, sample, device))
         self._reference(inner, criterion, self._meta_seen)  # after s.weights: the teacher exists (also on a resume)
         loss = (weights.to(out.loss.dtype) * out.loss).sum() * (0.0 if ignore_grad else 1.0)
         with torch.autograd.profiler.record_function("backward"):
@@ -439,12 +437,6 @@ class ReweightedTranslationTask(TranslationTask):
         if self._drops(dataset) and self._left_out is not None:
             indices = indices[~self._left_out[indices]]
         return indices
-
-    def _length_groups(self, sample) -> Optional[torch.Tensor]:
-        """Each sentence's source-length bucket, where --weight-norm running-length reads it."""
-        if str(self.cfg.weight_norm) != "running-length":
-            return None
-        return length_groups(sample["net_input"]["src_lengths"])
 
     def _meta_dataset(self):
         split = self.cfg.meta_subset

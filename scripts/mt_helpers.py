@@ -277,7 +277,6 @@ def subset(args) -> int:
     dictionaries; share everything else. ``train.orig_ids`` maps the new train lines to the old ids."""
     data, out = Path(args.data), Path(args.out)
     src, tgt = args.src, args.tgt
-    pair = f"{src}-{tgt}"
     text = [data / "text" / f"spm.train.{lang}" for lang in (src, tgt)]
     for f in text + [data / f"dict.{src}.txt", data / f"dict.{tgt}.txt"]:
         if not f.exists():

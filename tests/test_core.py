@@ -6,7 +6,6 @@ from torch import nn
 from torch.func import functional_call
 
 from fairseq_reweight.core.config import ReweightConfig
-from fairseq_reweight.core.reweighter import length_groups
 from fairseq_reweight.core import (
     MetaGrad, Reweighter, Teacher, WeightDumper, auc, l2rw_weights, normalize, weight_gradient, weight_stats,
 )
@@ -652,70 +651,21 @@ def test_reweighter_running_weight_norm_tracks_the_output_mean_and_resumes():
         Reweighter("deep", weight_norm="global")
 
 
-def test_length_groups_are_half_octaves_of_the_length():
-    lengths = torch.tensor([1, 2, 3, 7, 8, 11, 12, 15, 16, 22, 23, 31, 32, 10 ** 6])
-    assert length_groups(lengths).tolist() == [0, 2, 3, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 31]
-
-
-def test_running_length_weight_norm_divides_each_bucket_by_its_own_running_mean():
-    """--weight-norm running-length: a sentence's weight is its teacher output over the running mean output of its
-    length bucket (started from the bucket's first batch, moved by 10 % at each update holding the bucket; a bucket
-    not seen yet takes the mean of those seen), so buckets whose outputs sit at different levels get the same mean
-    weight, where --weight-norm running (one mean) favours the higher bucket. The teacher's gradient stays the batch
-    normalisation's. The means are saved with the teacher; a checkpoint of the other normalisation is refused."""
-    torch.manual_seed(0)
-    # the prior column (0) sits 1 higher for the short bucket, so its outputs are higher
-    short, long_ = torch.tensor([7] * 16), torch.tensor([20] * 16)
-    batches = [(torch.randn(16, 3) + torch.tensor([1.0 if i % 2 == 0 else 0.0, 0.0, 0.0]), short if i % 2 == 0 else long_)
-               for i in range(40)]
-    rws = {}
-    for norm in ("running", "running-length"):
-        rw = rws[norm] = Reweighter("deep", weight_norm=norm, teacher_prior_scale=4.0)
-        rw.teacher_prior = 0
-        expected = {}  # bucket -> its running mean output, from the outputs at the inputs' moments of each update
-        for i, (x, g) in enumerate(batches, 1):
-            with torch.no_grad():
-                m, k = float(rw.ensure_teacher(3, torch.device("cpu"))(x).mean()), int(length_groups(g)[0])
-            expected[k] = m if k not in expected else expected[k] + 0.1 * (m - expected[k])
-            rw.teacher_weights(i, x, length_groups(g))
-            rw.end_update()
-    rw = rws["running-length"]
-    out = rw.teacher.out_norm
-    assert out.count.tolist()[5] == 20 and out.count.tolist()[8] == 20 and int(out.count.sum()) == 40
-    assert float(out.mean[5]) == pytest.approx(expected[5], rel=1e-5)
-    assert float(out.mean[8]) == pytest.approx(expected[8], rel=1e-5)
-    fresh = [(torch.randn(64, 3) + torch.tensor([1.0, 0.0, 0.0]), short.repeat(4)), (torch.randn(64, 3), long_.repeat(4))]
-    means = {norm: [float(r.teacher_weights(41, x, length_groups(g))[0].mean()) for x, g in fresh]
-             for norm, r in rws.items()}
-    assert means["running"][0] - means["running"][1] > 0.3  # one running mean: the short bucket weighs more
-    assert abs(means["running-length"][0] - means["running-length"][1]) < 0.15
-    # an unseen bucket: the mean of the seen ones
-    x = torch.randn(16, 3)
-    with torch.no_grad():
-        raw = rw.teacher(x)
-    w, _ = rw.teacher_weights(9, x, length_groups(torch.tensor([60] * 16)))
-    assert torch.allclose(w, raw / out.mean[[5, 8]].mean(), atol=1e-6)
-    # the teacher's gradient: the batch normalisation's (a constant meta-gradient gives none)
-    rw.zero_teacher_grad()
-    _, w_graph = rw.teacher_weights(9, x, length_groups(short))
-    rw.accumulate(w_graph, MetaGrad(torch.full((16,), -1.0), torch.tensor(1.0)), {})
-    assert max(float(p.grad.abs().max()) for p in rw.teacher.parameters() if p.grad is not None) < 1e-6
-    rw.zero_teacher_grad()
-    # saved and restored with the teacher (pending batches too); the other running normalisation refuses it
-    rw.teacher_weights(10, x, length_groups(long_))
-    state = rw.state_dict()
-    again = Reweighter("deep", weight_norm="running-length", teacher_prior_scale=4.0)
-    again.teacher_prior = 0
-    again.load_state_dict(state)
-    again.ensure_teacher(3, torch.device("cpu"))
+def test_a_running_length_checkpoint_is_refused_with_the_way_on():
+    """--weight-norm running-length (sessions 23-24: the running mean output per source-length bucket, 32 of them)
+    was removed; its checkpoints name what to do instead rather than failing on a buffer's shape."""
+    rw = Reweighter("deep", weight_norm="running")
+    rw.teacher_weights(1, torch.randn(8, 3))
     rw.end_update()
-    again.end_update()
-    assert torch.equal(again.teacher.out_norm.mean, out.mean) and torch.equal(again.teacher.out_norm.count, out.count)
-    other = Reweighter("deep", weight_norm="running", teacher_prior_scale=4.0)
-    other.teacher_prior = 0
-    other.load_state_dict(state)
-    with pytest.raises(ValueError, match="--weight-norm running-length but this run uses --weight-norm running"):
-        other.ensure_teacher(3, torch.device("cpu"))
+    state = rw.state_dict()
+    state["teacher"] = dict(state["teacher"], **{"out_norm.mean": torch.zeros(32),
+                                                 "out_norm.count": torch.zeros(32, dtype=torch.long)})
+    again = Reweighter("deep", weight_norm="running")
+    again.load_state_dict(state)
+    with pytest.raises(ValueError, match="running-length, which was removed .* --weight-norm running --reset-teacher"):
+        again.ensure_teacher(3, torch.device("cpu"))
+    with pytest.raises(ValueError, match="--weight-norm must be one of batch, running, got 'running-length'"):
+        Reweighter("deep", weight_norm="running-length")
 
 
 def test_running_weight_norm_resumes_a_checkpoint_of_the_older_format():

@@ -428,7 +428,7 @@ def test_image_recipe_paper_and_explicit_flags():
         cfg = TrainConfig(**kw)
         check_config(cfg)
         assert (cfg.max_weight, cfg.teacher_weight_decay) == want, kw
-    with pytest.raises(ValueError, match="images have no length: use batch or running"):
+    with pytest.raises(ValueError, match="--weight-norm must be one of batch, running"):
         check_config(TrainConfig(weight_norm="running-length"))
 
 

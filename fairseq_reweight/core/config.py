@@ -2,7 +2,6 @@
 CLI generates its flags from it (:func:`add_arguments`), and :meth:`ReweightConfig.validate` rejects
 combinations that would be silently ignored, for both."""
 
-import argparse
 from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum, EnumMeta
 from typing import Optional, Sequence, Union, get_args, get_origin
@@ -13,7 +12,7 @@ from .weights import check_max_weight
 METHODS = ("none", "l2rw", "mwnet", "deep")
 META_GRADS = ("fast", "fd", "exact")
 RECIPES = ("tuned", "paper")
-WEIGHT_NORMS = ("batch", "running", "running-length")
+WEIGHT_NORMS = ("batch", "running")
 
 
 class _ChoiceMeta(EnumMeta):
@@ -74,8 +73,7 @@ class ReweightConfig:
         "help": "cap each normalised weight (mean 1 over the batch) at this value > 1; 0: no cap"})
     weight_norm: Optional[choices(WEIGHT_NORMS)] = field(default=None, metadata={
         "help": "batch: the teacher's outputs divided by their batch mean; running: by their mean over many "
-                "batches, so a batch of mostly bad examples gets little weight; running-length: by that mean among "
-                "sentences of similar source length (NMT; default: the recipe's)"})
+                "batches, so a batch of mostly bad examples gets little weight (default: the recipe's)"})
     teacher_lr: Optional[float] = field(default=None, metadata={"help": "teacher Adam lr (mwnet/deep; default 1e-3, the NMT tuned deep recipe 1e-4)"})
     teacher_hidden: int = field(default=100, metadata={"help": "teacher MLP hidden size"})
     teacher_weight_decay: float = field(default=0.0, metadata={

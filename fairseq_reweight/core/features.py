@@ -3,7 +3,7 @@
 is (already bounded, e.g. training progress). ``--teacher-inputs a,b,c`` selects inputs by name; adding an input
 is one function and one registry line (NMT: fairseq_reweight/features.py)."""
 
-from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Sequence
 
 import torch
 

@@ -38,18 +38,6 @@ from .metagrad import MetaGrad
 from .teacher import Teacher
 from .weights import check_max_weight, l2rw_weights, normalize
 
-# --weight-norm -> the groups of the teacher's running mean output, and how fast a group's mean moves per update
-# that holds its examples (running-length: half-octave buckets of length, which a rarely seen bucket must follow)
-OUTPUT_GROUPS = {"batch": 0, "running": 1, "running-length": 32}
-OUTPUT_MOMENTUM = {"batch": 0.0, "running": 0.02, "running-length": 0.1}
-
-
-def length_groups(lengths: torch.Tensor) -> torch.Tensor:
-    """Each example's length bucket for ``--weight-norm running-length``: half-octaves, ``floor(2 log2 length)``
-    (lengths 8-11 share one, 12-15 the next, 16-22 ...), capped at the last of 32."""
-    return (2 * torch.log2(lengths.float().clamp_min(1))).floor().long().clamp(0, OUTPUT_GROUPS["running-length"] - 1)
-
-
 class Reweighter:
     def __init__(
         self,
@@ -76,9 +64,8 @@ class Reweighter:
         check_max_weight(max_weight)
         if weight_norm not in WEIGHT_NORMS:
             raise ValueError(f"--weight-norm must be one of {', '.join(WEIGHT_NORMS)}, got {weight_norm!r}")
-        # batch: mean one per batch; running: divided by the teacher's running mean output; running-length: by
-        # that of the example's length bucket (the ``groups`` the glue passes); the teacher's gradient is the batch
-        # normalisation's under all three (core/weights.py)
+        # batch: mean one per batch; running: divided by the teacher's running mean output (decay 0.98); the
+        # teacher's gradient is the batch normalisation's under both (core/weights.py)
         self.weight_norm = weight_norm
         self.method = str(method)
         self.max_weight = max_weight  # cap of the normalised weights (None: no cap), see weights.normalize
@@ -130,8 +117,7 @@ class Reweighter:
                 torch.manual_seed(self.seed)
                 self.teacher = Teacher(in_dim, self.teacher_hidden, self.teacher_layers, self.passthrough,
                                        self.teacher_prior, self.teacher_prior_scale,
-                                       output_groups=OUTPUT_GROUPS[self.weight_norm],
-                                       output_momentum=OUTPUT_MOMENTUM[self.weight_norm],
+                                       running_output=self.weight_norm == "running",
                                        prior_reference=self.prior_reference).to(device)
             if self.teacher_weight_decay > 0:  # the decay pulls the MLP towards zero, not the prior's scale
                 prior = [p for n, p in self.teacher.named_parameters() if n == "prior_scale"]
@@ -152,6 +138,10 @@ class Reweighter:
                 keys = state["teacher"]
                 groups = keys["out_norm.mean"].numel() if "out_norm.mean" in keys else 0
                 saved = "batch" if groups == 0 else "running" if groups == 1 else "running-length"
+                if saved == "running-length":  # sessions 23-24 only
+                    raise ValueError(
+                        "the checkpoint's teacher was trained with --weight-norm running-length, which was removed "
+                        "(session 25: no measured effect): continue with --weight-norm running --reset-teacher")
                 if saved != self.weight_norm:
                     raise ValueError(
                         f"the checkpoint's teacher was trained with --weight-norm {saved} but this run uses "
@@ -214,11 +204,9 @@ class Reweighter:
         meta_grad_fn: Optional[Callable[[torch.Tensor], MetaGrad]],
         batch_size: Optional[int] = None,
         device: Optional[torch.device] = None,
-        groups: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Dict[str, float]]:
         """Normalised weights for this batch (detached) and a dict of diagnostics to log; on a meta step the
-        teacher learns from ``meta_grad_fn(w)`` first and the weights come from the updated teacher. ``groups``: each
-        example's length bucket (``[B]`` ints, :func:`length_groups`), read by ``--weight-norm running-length``."""
+        teacher learns from ``meta_grad_fn(w)`` first and the weights come from the updated teacher."""
         info: Dict[str, float] = {}
         if features is not None:
             batch_size, device = features.shape[0], features.device
@@ -227,14 +215,14 @@ class Reweighter:
             return ones, info
         if self.method == "l2rw":
             return self.l2rw(meta_grad_fn(torch.zeros_like(ones)), info), info
-        w, w_graph = self.teacher_weights(step, features, groups)
+        w, w_graph = self.teacher_weights(step, features)
         if w_graph is None:
             return w, info
         self.zero_teacher_grad()
         self.accumulate(w_graph, meta_grad_fn(w), info)
         self.step_teacher()
         with torch.no_grad():
-            return self._normalize(self.teacher(features.detach().float()), groups), info
+            return self._normalize(self.teacher(features.detach().float())), info
 
     def l2rw(self, mg: MetaGrad, info: Dict[str, float]) -> torch.Tensor:
         """L2RW weights from the meta-gradient at ``w = 0`` (uniform if no example helps)."""
@@ -247,28 +235,26 @@ class Reweighter:
     # The student's update uses the teacher's current weights; the meta-gradient of those weights is
     # computed from the student's own backward (see probe.py), back-propagated into the teacher with
     # `accumulate` (once per micro-batch) and applied by `step_teacher` once per update.
-    def teacher_weights(self, step: int, features: torch.Tensor,
-                        groups: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def teacher_weights(self, step: int, features: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(weights, weights_with_graph)``: the second is None unless this is a teacher meta step."""
         teacher = self.ensure_teacher(features.shape[1], features.device)
         feats = features.detach().float()
         teacher.norm.accumulate(feats[:, : feats.shape[1] - teacher.passthrough])  # folded in by end_update
         if self.is_meta_step(step):
-            w = self._normalize(teacher(feats), groups, accumulate=True)
+            w = self._normalize(teacher(feats), accumulate=True)
             return w.detach(), w
         with torch.no_grad():
-            return self._normalize(teacher(feats), groups, accumulate=True), None
+            return self._normalize(teacher(feats), accumulate=True), None
 
-    def _normalize(self, raw: torch.Tensor, groups: Optional[torch.Tensor] = None,
-                   accumulate: bool = False) -> torch.Tensor:
+    def _normalize(self, raw: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
         """The teacher's output -> the batch's weights (``--weight-norm``); ``accumulate``: the output's mean
         over batches takes this batch in (folded in by :meth:`end_update`)."""
         out_norm = self.teacher.out_norm
         if out_norm is None:
             return normalize(raw, self.max_weight)
         if accumulate:
-            out_norm.accumulate(raw.detach(), groups)
-        return normalize(raw, self.max_weight, scale=self.teacher.output_scale(groups, raw))
+            out_norm.accumulate(raw.detach())
+        return normalize(raw, self.max_weight, scale=self.teacher.output_scale())
 
     def add_reference(self, values: torch.Tensor) -> None:
         """Clean reference values of the prior's input (``[B]``, the meta set's), folded in by :meth:`end_update`;

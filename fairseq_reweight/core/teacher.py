@@ -90,52 +90,39 @@ class RunningNorm(nn.Module):
 
 
 class RunningMean(nn.Module):
-    """The running (EMA) mean of a scalar per group: ``--weight-norm running`` (one group) and ``running-length``
-    (one group per length bucket). A group's mean starts from its first batch and moves by ``momentum`` at each
-    update whose batches hold examples of that group; a buffer, saved and restored with the teacher."""
+    """The running (EMA) mean of a scalar (``--weight-norm running``: the teacher's output). It starts from the
+    first update's batches and moves by ``momentum`` at every update after; a buffer, saved and restored with the
+    teacher."""
 
-    def __init__(self, groups: int = 1, momentum: float = 0.02):
+    def __init__(self, momentum: float = 0.02):
         super().__init__()
-        self.groups, self.momentum = groups, momentum
-        self.register_buffer("mean", torch.zeros(groups))
-        self.register_buffer("count", torch.zeros(groups, dtype=torch.long))
-        self._acc: Optional[torch.Tensor] = None  # [sum per group, examples per group] not yet folded in
+        self.momentum = momentum
+        self.register_buffer("mean", torch.zeros(1))
+        self.register_buffer("count", torch.zeros(1, dtype=torch.long))
+        self._acc: Optional[torch.Tensor] = None  # [sum, examples] not yet folded in
 
     @torch.no_grad()
-    def accumulate(self, x: torch.Tensor, groups: Optional[torch.Tensor] = None) -> None:
+    def accumulate(self, x: torch.Tensor) -> None:
         x = x.detach().to(self.mean).flatten()
-        g = self.group_ids(groups, x)
-        acc = torch.cat([self.mean.new_zeros(self.groups).index_add_(0, g, x),
-                         self.mean.new_zeros(self.groups).index_add_(0, g, torch.ones_like(x))])
+        acc = torch.stack([x.sum(), x.new_tensor(float(x.numel()))])
         self._acc = acc if self._acc is None else self._acc + acc
 
     @torch.no_grad()
     def commit(self, all_reduce: Optional[Callable[[torch.Tensor], None]] = None) -> None:
         """Fold the accumulated batches in (``all_reduce``: summed over data-parallel workers; every worker calls it)."""
-        acc = self._acc if self._acc is not None else self.mean.new_zeros(2 * self.groups)
+        acc = self._acc if self._acc is not None else self.mean.new_zeros(2)
         self._acc = None
         if all_reduce is not None:
             all_reduce(acc)
-        total, n = acc[: self.groups], acc[self.groups:]
-        seen = n > 0
-        m = total / n.clamp_min(1)
-        rate = torch.where(self.count > 0, torch.full_like(m, self.momentum), torch.ones_like(m))
-        self.mean.copy_(torch.where(seen, self.mean + rate * (m - self.mean), self.mean))
+        total, n = acc[:1], acc[1:]
+        seen = n > 0  # an update without examples (none so far) leaves it as it is
+        rate = torch.where(self.count > 0, torch.full_like(total, self.momentum), torch.ones_like(total))
+        self.mean.copy_(torch.where(seen, self.mean + rate * (total / n.clamp_min(1) - self.mean), self.mean))
         self.count += seen.long()
 
-    def group_ids(self, groups: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        if groups is None or self.groups == 1:
-            return torch.zeros(like.shape[0], dtype=torch.long, device=like.device)
-        return groups.to(like.device).long().clamp(0, self.groups - 1)
-
-    def value(self, groups: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
-        """The running mean of each example's group (``[B]``; a group not seen yet: the mean of those seen), or
-        None before any batch was folded in."""
-        seen = self.count > 0
-        if not bool(seen.any()):
-            return None
-        filled = torch.where(seen, self.mean, self.mean[seen].mean())
-        return filled[self.group_ids(groups, like)]
+    def value(self) -> Optional[torch.Tensor]:
+        """The running mean (``[1]``), or None before any batch was folded in."""
+        return self.mean if bool(self.count.item() > 0) else None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "sq" in state_dict:  # --weight-norm running before session 23 kept it as a RunningNorm(1)
@@ -154,9 +141,8 @@ class Teacher(nn.Module):
     The last ``passthrough`` input columns (already bounded features such as training progress
     or a one-hot label) skip the input standardisation.
 
-    ``output_groups``: keep the running mean of the output over batches (``output_scale``), per group of examples
-    (``--weight-norm running``: 1 group; ``running-length``: one per length bucket), which the output is divided
-    by instead of its batch mean; 0: none (``--weight-norm batch``).
+    ``running_output``: keep the running mean of the output over batches (``output_scale``), which the output is
+    divided by instead of its batch mean (``--weight-norm running``; False: ``batch``).
 
     ``prior``: the index of a standardised input column the teacher starts from: ``prior_scale`` (learned, from
     its initial value) times that column's standardised value (clipped to [-3, 3]) is added to the logit, so the
@@ -172,7 +158,7 @@ class Teacher(nn.Module):
     PRIOR_MARGIN = 1.0
 
     def __init__(self, in_dim: int, hidden: int = 100, num_layers: int = 1, passthrough: int = 0,
-                 prior: Optional[int] = None, prior_scale: float = 2.0, output_groups: int = 0,
+                 prior: Optional[int] = None, prior_scale: float = 2.0, running_output: bool = False,
                  output_momentum: float = 0.02, prior_reference: bool = False):
         super().__init__()
         if not 0 <= passthrough <= in_dim:
@@ -185,8 +171,8 @@ class Teacher(nn.Module):
         self.norm = RunningNorm(in_dim - passthrough)
         # --teacher-prior-reference meta: the clean meta set's moments of the prior's input
         self.reference = RunningNorm(1, momentum=0.05) if (prior_reference and prior is not None) else None
-        # --weight-norm running(-length): the running mean of the output (per group), which divides it into the weights
-        self.out_norm = RunningMean(output_groups, output_momentum) if output_groups else None
+        # --weight-norm running: the running mean of the output, which divides it into the weights
+        self.out_norm = RunningMean(output_momentum) if running_output else None
         layers, d = [], in_dim
         for _ in range(num_layers):
             layers += [nn.Linear(d, hidden), nn.ReLU()]
@@ -196,13 +182,9 @@ class Teacher(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def output_scale(self, groups: Optional[torch.Tensor] = None,
-                     like: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-        """The running mean output of each example's group (``[B]`` like ``like``; ``[1]`` without it), None under
-        batch normalisation or before any batch was folded in."""
-        if self.out_norm is None:
-            return None
-        return self.out_norm.value(groups, self.out_norm.mean[:1] if like is None else like)
+    def output_scale(self) -> Optional[torch.Tensor]:
+        """The running mean output (``[1]``), None under batch normalisation or before any batch was folded in."""
+        return None if self.out_norm is None else self.out_norm.value()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.dim() != 2 or features.shape[1] != self.in_dim:

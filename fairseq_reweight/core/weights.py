@@ -32,7 +32,7 @@ def normalize(raw: torch.Tensor, max_weight: Optional[float] = None, eps: float 
     """Mean-one normalisation over the batch, capped at ``max_weight`` (water-filling); differentiable (used
     inside the meta-gradient; a capped example's gradient is zero, the exact gradient of the water-filling).
 
-    ``scale`` (``--weight-norm running``/``running-length``; a scalar or one per example): the weights are
+    ``scale`` (``--weight-norm running``; a scalar or one per example): the weights are
     ``raw / scale`` (capped at ``max_weight``), ``scale`` the teacher's mean output over many batches (of the
     example's length bucket), so a batch of mostly bad examples gets little total weight instead of mean one;
     the gradient stays that of the batch normalisation (a straight-through value), so the teacher still only

@@ -97,9 +97,6 @@ def check_config(cfg: TrainConfig) -> None:
                                      weight_norm=cfg.weight_norm).items():
         setattr(cfg, k, v)
     cfg.validate()
-    if str(cfg.weight_norm) == "running-length":
-        raise ValueError("--weight-norm running-length divides by the running mean among sentences of similar length "
-                         "(NMT, whose batches are length buckets); images have no length: use batch or running")
     if str(cfg.meta_precondition) == "adam":
         raise ValueError("--meta-precondition adam needs an Adam student; the image student is SGD: drop it")
     if m != "none" and cfg.meta_size <= 0:
@@ -262,7 +259,7 @@ class Trainer:
         return self.summary(finished=True)
 
     def _train_epoch(self) -> Dict[str, float]:
-        cfg, dev, rw = self.cfg, self.device, self.reweighter
+        cfg, dev = self.cfg, self.device
         lr = lr_at(cfg, self.epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

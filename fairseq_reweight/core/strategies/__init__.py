@@ -6,7 +6,7 @@ The fairseq task and the image trainer drive the same strategy objects through t
     s.begin_update(step, real=..., params=..., meta_loss=..., optimizer=...)  # fast: the meta direction
     with s.forward(device):
         out = student(batch)                                  # per-example losses (and states)
-    w, info = s.weights(step, features, losses, lr=..., denom=..., lookahead=..., groups=...)
+    w, info = s.weights(step, features, losses, lr=..., denom=..., lookahead=...)
     backward(sum_i w_i * loss_i)                              # the student's own backward
     s.after_backward(w, info)                                 # fast: the teacher's meta-gradient from it
 
@@ -14,8 +14,7 @@ and once per update, after the student's optimizer step::
 
     s.end_update(step)                                        # teacher step (fast), input moments, sync check
 
-``groups`` (NMT: each sentence's source-length bucket, ``core.reweighter.length_groups``) is read by
-``--weight-norm running-length`` only. ``real=False`` marks a batch without a gradient (fairseq's padding batches under data parallelism): it gets
+``real=False`` marks a batch without a gradient (fairseq's padding batches under data parallelism): it gets
 uniform weights but takes part in every collective the other workers issue.
 
 ``fast``   :class:`FastMetaGrad` -- first order, on the layers of ``--meta-params``, from the student's own

@@ -73,7 +73,7 @@ class FastMetaGrad:
         return self.probe.watch(capture_grads=self.rw.has_teacher)
 
     def weights(self, step: int, features: Optional[torch.Tensor], losses: torch.Tensor, lr: float, denom: float,
-                lookahead=None, groups: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+                lookahead=None) -> Tuple[torch.Tensor, Dict[str, float]]:
         """Normalised weights of this batch (detached, mean 1) and diagnostics to log."""
         rw, n, info = self.rw, losses.shape[0], {}
         self._w_graph, self._scale = None, (lr, denom, n)
@@ -87,7 +87,7 @@ class FastMetaGrad:
                 return rw.l2rw(self.first_order(), info), info
             if not rw.has_teacher or step < rw.warmup:
                 return torch.ones(n, device=losses.device), info
-            w, self._w_graph = rw.teacher_weights(step, features, groups)  # the graph only on meta updates
+            w, self._w_graph = rw.teacher_weights(step, features)  # the graph only on meta updates
             return w, info
 
     def after_backward(self, weights: torch.Tensor, info: Dict[str, float], loss_scale: float = 1.0) -> None:
