@@ -152,17 +152,22 @@ class ReweightedLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCrit
                 encoder_out = out.encoder_out if reuse else inner.encoder(
                     net_input["src_tokens"], src_lengths=net_input["src_lengths"])
                 own = torch.arange(bsz, device=sample["target"].device)
-                order = torch.roll(own, 1) if reuse else torch.cat([own, torch.roll(own, 1)])
-                copies = 1 if reuse else 2
-                reordered = inner.encoder.reorder_encoder_out(encoder_out, order)
-                prev = net_input["prev_output_tokens"].repeat(copies, 1)
-                features, extra = inner.decoder.extract_features(prev, encoder_out=reordered)
-                lprobs = inner.get_normalized_probs((inner.decoder.output_layer(features), extra), log_probs=True)
-                if self.ignore_prefix_size > 0:
-                    lprobs = lprobs[:, self.ignore_prefix_size:]
-                target = sample["target"][:, self.ignore_prefix_size:].repeat(copies, 1)
-                nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1) * out.mask.repeat(copies, 1).to(lprobs.dtype)
-                nll = nll.sum(1)
+                target = sample["target"][:, self.ignore_prefix_size:]
+                sums = []
+                # one decoder pass per source order, not one of the doubled batch: the [B, T, vocab] log-probs of
+                # one pass are the peak memory (doubled, they were most of the default's extra memory)
+                for order in ([torch.roll(own, 1)] if reuse else [own, torch.roll(own, 1)]):
+                    reordered = inner.encoder.reorder_encoder_out(encoder_out, order)
+                    features, extra = inner.decoder.extract_features(net_input["prev_output_tokens"],
+                                                                     encoder_out=reordered)
+                    lprobs = inner.get_normalized_probs((inner.decoder.output_layer(features), extra), log_probs=True)
+                    del features
+                    if self.ignore_prefix_size > 0:
+                        lprobs = lprobs[:, self.ignore_prefix_size:]
+                    nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1) * out.mask.to(lprobs.dtype)
+                    del lprobs
+                    sums.append(nll.sum(1))
+                nll = torch.cat(sums)
         finally:
             inner.train(was_training)
         own_nll = out.nll.detach().to(nll.dtype) if reuse else nll[:bsz]
