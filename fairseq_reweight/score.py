@@ -122,6 +122,8 @@ def score_split(args) -> Dict[str, np.ndarray]:
     import torch
     from fairseq import utils
 
+    from .contrast import refresh_reference
+
     model, task, crit, num_updates = _load(args.path, args.data, args.split, args.cpu)
     rw = getattr(task, "reweighter", None)  # None: a plain --task translation checkpoint
     if args.score == "teacher" and (rw is None or not rw.has_teacher or not (rw._pending or rw.teacher is not None)):
@@ -161,6 +163,7 @@ def score_split(args) -> Dict[str, np.ndarray]:
     itr = _batches(task, model, args.split, args.max_tokens)
     bar = tqdm(total=n, unit="pair", desc=f"scoring {args.split}", disable=args.no_progress or tqdm is None,
                file=sys.stderr) if tqdm else None
+    refreshed = False
     with torch.no_grad():
         for sample in itr:
             if not sample or "net_input" not in sample:
@@ -179,6 +182,13 @@ def score_split(args) -> Dict[str, np.ndarray]:
             if args.score == "teacher":
                 feats = task.teacher_features(out, num_updates, sample, contrast)
                 teacher = rw.ensure_teacher(feats.shape[1], device)
+                if getattr(task, "contrast", None) is not None and not refreshed:  # --source-contrast once
+                    refreshed = True
+                    try:
+                        refresh_reference(task, model, crit, teacher)
+                    except FileNotFoundError:
+                        print(f"warning: {args.data} has no meta split '{task.cfg.meta_subset}': the teacher's prior "
+                              "keeps the reference of the student it was trained with", file=sys.stderr)
                 put("score", ids, teacher(feats.float()))
             elif args.score == "source-contrast":
                 put("score", ids, contrast)

@@ -27,6 +27,7 @@ from .core import ReweightConfig, Reweighter, WeightDumper, functional_call, par
 from .core import strategies, weight_stats
 from .core.selection import EpochDrop, check_threshold
 from .core import features as inputs
+from .contrast import CorpusContrast
 from .criterion import check_model, num_decoder_layers
 from .features import FEATURES, Batch
 from .layers import probe_layers
@@ -56,6 +57,10 @@ class ReweightedTranslationConfig(TranslationConfig, ReweightConfig):
         "help": "deep only: standardise --teacher-prior by the training batches' moments (train), or by the clean "
                 "meta set's, centred one standard deviation below its mean (meta); auto: the recipe's (tuned: "
                 + recipe.TUNED_DEEP["teacher_prior_reference"] + "; paper: train)"})
+    source_contrast: str = field(default="auto", metadata={
+        "help": "deep, where the teacher reads source_contrast: compute it in every training batch with the current "
+                "student (batch), or once for the whole corpus and the meta set when reweighting starts (once); "
+                "auto: the recipe's (tuned: " + recipe.TUNED_DEEP["source_contrast"] + ")"})
     teacher_length_ratio: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     teacher_source_contrast: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     drop_below: Optional[float] = field(default=None, metadata={
@@ -108,7 +113,8 @@ class ReweightedTranslationTask(TranslationTask):
             meta_precondition=str(cfg.meta_precondition), teacher_inputs=cfg.teacher_inputs,
             reweight_warmup=cfg.reweight_warmup, teacher_prior=cfg.teacher_prior,
             teacher_prior_scale=cfg.teacher_prior_scale, teacher_lr=cfg.teacher_lr, weight_norm=cfg.weight_norm,
-            drop_below=cfg.drop_below, teacher_prior_reference=cfg.teacher_prior_reference)
+            drop_below=cfg.drop_below, teacher_prior_reference=cfg.teacher_prior_reference,
+            source_contrast=cfg.source_contrast)
         for k, v in resolved.items():
             setattr(cfg, k, v)
         # the recipe's Adam preconditioning falls back to none for a student optimizer without Adam moments
@@ -143,6 +149,9 @@ class ReweightedTranslationTask(TranslationTask):
         self.drop: Optional[EpochDrop] = None  # --drop-below, built with the training split (get_batch_iterator)
         self._pending_drop, self._left_out, self._train_itr = None, None, None
         self._meta_seen = None  # the meta batch of this update's fresh meta direction (_reference)
+        # --source-contrast once: the corpus's source contrast, computed at the first reweighted update (contrast.py)
+        self.contrast = CorpusContrast() if (cfg.source_contrast == "once" and "source_contrast" in self.inputs) \
+            else None
         if cfg.drop_below is not None:  # a resumed epoch is re-batched once the task has its state (_rebatch_resumed_epoch)
             cfg.rebuild_batches = True
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -160,6 +169,12 @@ class ReweightedTranslationTask(TranslationTask):
                              "weight is 1: drop it, or choose l2rw/mwnet/deep")
         if cfg.drop_below is not None:
             check_threshold(cfg.drop_below)
+        if cfg.source_contrast not in ("batch", "once"):
+            raise ValueError(f"--source-contrast must be batch or once, got {cfg.source_contrast!r}")
+        if cfg.source_contrast == "once" and "source_contrast" not in str(cfg.teacher_inputs).split(","):
+            raise ValueError("--source-contrast once: the teacher of this run does not read source_contrast (its "
+                             f"--teacher-inputs are {cfg.teacher_inputs or 'none'}): drop it, or add source_contrast "
+                             "to --teacher-inputs (--reweight-method deep)")
         if cfg.teacher_prior_reference not in ("train", "meta"):
             raise ValueError(f"--teacher-prior-reference must be train or meta, got {cfg.teacher_prior_reference!r}")
         if cfg.teacher_prior_reference == "meta" and not cfg.teacher_prior:
@@ -196,6 +211,7 @@ class ReweightedTranslationTask(TranslationTask):
         model.set_num_updates(update_num)
         inner, device, s = _unwrap(model), sample["target"].device, self.strategy
         self._model = inner
+        contrast = self._contrast(criterion, model, sample, update_num, real=not ignore_grad)
         s.begin_update(update_num, real=not ignore_grad, params=list(inner.parameters()),
                        meta_loss=lambda: self._meta_loss(inner, criterion, device), optimizer=self._adam(optimizer))
         with torch.autograd.profiler.record_function("forward"), s.forward(device), \
@@ -204,7 +220,7 @@ class ReweightedTranslationTask(TranslationTask):
         if not ignore_grad and not bool(torch.isfinite(out.loss.detach()).all()):
             return self._skip_nonfinite(sample, out, update_num, model, optimizer, criterion.sentence_avg)
 
-        features = self._features(criterion, model, sample, out, update_num, real=not ignore_grad)
+        features = self._features(out, update_num, sample, contrast)
         denom = float(sample["target"].size(0) if criterion.sentence_avg else sample["ntokens"])
         lr = self.cfg.meta_lr if self.cfg.meta_lr is not None else optimizer.get_lr()
         weights, info = s.weights(update_num, features, out.loss, lr=lr, denom=denom,
@@ -267,11 +283,18 @@ class ReweightedTranslationTask(TranslationTask):
         teacher standardises its prior by. Its own forward without graph (the RNG untouched: exact resume), as the
         training batches' (source contrast in eval mode)."""
         self._meta_seen = None
-        if (meta is None or self.cfg.teacher_prior_reference != "meta" or not self.cfg.teacher_prior
-                or self.reweighter.teacher is None):
+        if self.cfg.teacher_prior_reference != "meta" or not self.cfg.teacher_prior or self.reweighter.teacher is None:
+            return
+        if self.contrast is not None and self.cfg.teacher_prior == "source_contrast":  # the corpus pass's, once
+            if self.contrast.reference_pending:
+                self.reweighter.add_reference(self.contrast.meta)
+                self.contrast.reference_pending = False
+            return
+        if meta is None:
             return
         with torch.no_grad(), torch.random.fork_rng(devices=[meta["target"].device]
-                                                    if meta["target"].device.type == "cuda" else []):
+                                                    if meta["target"].device.type == "cuda" else []), \
+                torch.autograd.profiler.record_function("meta_reference"):
             contrast = None
             if self.cfg.teacher_prior == "source_contrast":  # in eval mode, so source_contrast reuses this pass
                 was_training = inner.training
@@ -318,17 +341,29 @@ class ReweightedTranslationTask(TranslationTask):
         """Whether the teacher reads decoder states (the criterion then returns those of --teacher-states)."""
         return "states" in self.inputs
 
-    def _features(self, criterion, model, sample, out, update_num, real=True):
-        """The teacher's inputs for this batch, where a teacher will read them (source contrast: one extra
-        decoder forward, on real batches only)."""
-        rw = self.reweighter
-        if not rw.has_teacher or update_num < rw.warmup:
+    def _active(self, update_num) -> bool:
+        return self.reweighter.has_teacher and update_num >= self.reweighter.warmup
+
+    def _features(self, out, update_num, sample, contrast):
+        """The teacher's inputs for this batch, where a teacher will read them."""
+        return self.teacher_features(out, update_num, sample, contrast) if self._active(update_num) else None
+
+    def _contrast(self, criterion, model, sample, update_num, real=True):
+        """The batch's source contrast, where the teacher reads it: from the corpus pass of --source-contrast once
+        (run at the first reweighted update, on every worker), or the batch's own (eval-mode passes of the student,
+        run before its training forward so that their log-probs never sit beside the training graph). Zeros for
+        fairseq's padding batches."""
+        if "source_contrast" not in self.inputs or not self._active(update_num):
             return None
-        contrast = None
-        if "source_contrast" in self.inputs:
+        if self.contrast is not None and not self.contrast.ready:
             with torch.autograd.profiler.record_function("source_contrast"):
-                contrast = criterion.source_contrast(model, sample, out) if real else torch.zeros_like(out.loss)
-        return self.teacher_features(out, update_num, sample, contrast)
+                self.contrast.build(self, _unwrap(model), criterion, _all_reduce_sum)
+        if not real:
+            return torch.zeros(sample["target"].size(0), device=sample["target"].device)
+        if self.contrast is not None:
+            return self.contrast.lookup(sample["id"])
+        with torch.autograd.profiler.record_function("source_contrast"):
+            return criterion.source_contrast(model, sample)
 
     def teacher_features(self, out, update_num: int, sample=None, contrast=None) -> Optional[torch.Tensor]:
         """The ``[B, D]`` inputs of ``--teacher-inputs`` (features.py) of a batch: ``out`` of criterion.per_sentence
@@ -497,6 +532,8 @@ class ReweightedTranslationTask(TranslationTask):
             state["meta_iterator"] = meta_itr
         if self.drop is not None:
             state["drop"] = self.drop.state_dict()
+        if self.contrast is not None and self.contrast.ready:
+            state["source_contrast"] = self.contrast.state_dict()
         return state
 
     def load_state_dict(self, state_dict):
@@ -509,6 +546,8 @@ class ReweightedTranslationTask(TranslationTask):
         self.meta_batches.load_state_dict(state_dict.get("meta_iterator"))
         self.strategy.load_state_dict(state_dict.get("meta_direction"))
         self._pending_drop = state_dict.get("drop")
+        if self.contrast is not None:
+            self.contrast.load_state_dict(state_dict.get("source_contrast"))
         if self.drop is not None:
             self.drop.load_state_dict(self._pending_drop)
         if state_dict.get("reweighter"):

@@ -68,7 +68,8 @@ IMAGE_CONFIGS = [  # plain = --reweight-method none: the module's own SGD step o
 
 
 # record_function labels of the task's train_step and fairseq's trainer
-PHASES = ("meta_direction", "forward", "reweight", "backward", "reduce-grads", "clip-grads", "optimizer")
+PHASES = ("meta_direction", "forward", "source_contrast", "meta_reference", "reweight", "backward", "reduce-grads",
+          "clip-grads", "optimizer")
 
 
 # ---------------------------------------------------------------------- workers

@@ -79,6 +79,15 @@ class RunningNorm(nn.Module):
             self.sq.lerp_(sq, self.momentum)
         self.count += 1
 
+    @torch.no_grad()
+    def reset(self, x: torch.Tensor) -> None:
+        """The moments of ``x`` (``[N, dim]``) alone, as if it were the first batch."""
+        x = x.to(self.mean)
+        self.mean.copy_(x.mean(0))
+        self.sq.copy_((x * x).mean(0))
+        self.count.fill_(1)
+        self._acc = None
+
     def update(self, x: torch.Tensor) -> None:
         """Fold one batch into the running moments at once (one process)."""
         self.accumulate(x)

@@ -1,0 +1,84 @@
+"""``--source-contrast once``: the source contrast of every training pair and every meta pair, computed in one
+pass when reweighting starts and kept for the rest of training (instead of in every training batch, which costs
+about 1.7 forwards of the student per update). The values are the teacher's input and prior; the meta set's
+become the prior's clean reference, folded into the teacher once. Saved in the checkpoint (4 bytes per pair)."""
+
+import logging
+import time
+from typing import Optional
+
+import torch
+from fairseq import utils
+
+from .meta_batches import rank_world
+
+logger = logging.getLogger(__name__)
+
+
+class CorpusContrast:
+    def __init__(self):
+        self.train: Optional[torch.Tensor] = None  # [pairs of the training split], float32, CPU
+        self.meta: Optional[torch.Tensor] = None  # [pairs of the meta split]
+        self.reference_pending = False  # the meta values still to be folded into the teacher's reference
+
+    @property
+    def ready(self) -> bool:
+        return self.train is not None
+
+    def build(self, task, inner, criterion, all_reduce) -> None:
+        """One pass over the training and the meta split (:func:`split_contrast`). Data parallel: each worker scores
+        its shard of the batches and one all-reduce (sum) joins them, so every worker must call it at the same
+        update."""
+        start, (rank, world) = time.time(), rank_world()
+        datasets = [task.dataset(task.cfg.train_subset), task._meta_dataset()]
+        logger.info(f"--source-contrast once: scoring {len(datasets[0])} training and {len(datasets[1])} meta pairs "
+                    f"(one pass in eval mode{f', {world} workers' if world > 1 else ''})")
+        values = torch.cat([split_contrast(task, inner, criterion, d, rank, world) for d in datasets])
+        if world > 1:
+            all_reduce(values)
+        values = values.cpu()
+        self.train, self.meta = values[:len(datasets[0])], values[len(datasets[0]):]
+        self.reference_pending = True
+        logger.info(f"--source-contrast once: done in {time.time() - start:.0f} s")
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.cpu()
+        if ids.numel() and int(ids.max()) >= len(self.train):
+            raise ValueError(f"the checkpoint's source contrast (--source-contrast once) covers {len(self.train)} "
+                             f"training pairs, but this batch has pair {int(ids.max())}: the checkpoint was trained on "
+                             "another training split; continue from it with --reset-teacher")
+        return self.train[ids].to(ids.device if ids.device.type != "cpu" else self.train.device)
+
+    def state_dict(self) -> Optional[dict]:
+        return None if self.train is None else {"train": self.train, "meta": self.meta}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        if state:
+            self.train, self.meta, self.reference_pending = state["train"], state["meta"], False
+
+
+def split_contrast(task, inner, criterion, dataset, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """``[len(dataset)]``: ``criterion.source_contrast`` of every pair, in batches of the task's ``--max-tokens``
+    built from the length-sorted pairs (as training batches are: each pair's contrast source has about its length);
+    in eval mode, without graph, the RNG untouched. ``rank``/``world``: this worker's share of the batches (the
+    others' pairs stay 0), as are pairs longer than the model's maximum positions."""
+    device = next(inner.parameters()).device
+    max_positions = utils.resolve_max_positions(task.max_positions(), inner.max_positions())
+    values = torch.zeros(len(dataset), dtype=torch.float32, device=device)
+    indices, _ = dataset.filter_indices_by_size(dataset.ordered_indices(), max_positions)
+    batches = dataset.batch_by_size(indices, max_tokens=task.cfg.max_tokens, max_sentences=task.cfg.batch_size)
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for batch in batches[rank::world]:
+            sample = dataset.collater([dataset[int(i)] for i in batch])
+            if device.type == "cuda":
+                sample = utils.move_to_cuda(sample, device=device)
+            values[sample["id"]] = criterion.source_contrast(inner, sample).float()
+    return values
+
+
+def refresh_reference(task, inner, criterion, teacher) -> None:
+    """Scoring with ``--source-contrast once``'s teacher: it learnt on contrasts of the student when reweighting
+    started, the scorer computes them with the checkpoint's student (larger, as it learnt to read the source); the
+    prior's clean reference is re-measured on the meta set with the same student, so it is on the same scale."""
+    if teacher.reference is not None:
+        teacher.reference.reset(split_contrast(task, inner, criterion, task._meta_dataset())[:, None].cpu())
