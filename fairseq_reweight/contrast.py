@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 from fairseq import utils
+from fairseq.data import data_utils
 
 from .meta_batches import rank_world
 
@@ -33,7 +34,10 @@ class CorpusContrast:
         datasets = [task.dataset(task.cfg.train_subset), task._meta_dataset()]
         logger.info(f"--source-contrast once: scoring {len(datasets[0])} training and {len(datasets[1])} meta pairs "
                     f"(one pass in eval mode{f', {world} workers' if world > 1 else ''})")
-        values = torch.cat([split_contrast(task, inner, criterion, d, rank, world) for d in datasets])
+        cfg = task.cfg
+        values = torch.cat([split_contrast(task, inner, criterion, datasets[0], rank, world),
+                            split_contrast(task, inner, criterion, datasets[1], rank, world,
+                                           max_tokens=cfg.meta_max_tokens or cfg.max_tokens)])
         if world > 1:
             all_reduce(values)
         values = values.cpu()
@@ -57,18 +61,27 @@ class CorpusContrast:
             self.train, self.meta, self.reference_pending = state["train"], state["meta"], False
 
 
-def split_contrast(task, inner, criterion, dataset, rank: int = 0, world: int = 1) -> torch.Tensor:
+def contrast_batches(task, inner, dataset, max_tokens: Optional[int] = None) -> list:
+    """The batches of the pass: ``max_tokens`` (default the task's ``--max-tokens``) over the pairs sorted by length
+    (the order breaks ties with numpy's RNG: seeded, so every worker builds the same list), too long ones left out."""
+    with data_utils.numpy_seed(task.cfg.seed):
+        indices = dataset.ordered_indices()
+    indices, _ = dataset.filter_indices_by_size(
+        indices, utils.resolve_max_positions(task.max_positions(), inner.max_positions()))
+    return dataset.batch_by_size(indices, max_tokens=max_tokens or task.cfg.max_tokens,
+                                 max_sentences=task.cfg.batch_size)
+
+
+def split_contrast(task, inner, criterion, dataset, rank: int = 0, world: int = 1,
+                   max_tokens: Optional[int] = None) -> torch.Tensor:
     """``[len(dataset)]``: ``criterion.source_contrast`` of every pair, in batches of the task's ``--max-tokens``
     built from the length-sorted pairs (as training batches are: each pair's contrast source has about its length);
-    in eval mode, without graph, the RNG untouched. ``rank``/``world``: this worker's share of the batches (the
+    in eval mode, without graph, the RNG untouched (:func:`contrast_batches`). ``rank``/``world``: this worker's share of the batches (the
     others' pairs stay 0), as are pairs longer than the model's maximum positions."""
     device = next(inner.parameters()).device
-    max_positions = utils.resolve_max_positions(task.max_positions(), inner.max_positions())
     values = torch.zeros(len(dataset), dtype=torch.float32, device=device)
-    indices, _ = dataset.filter_indices_by_size(dataset.ordered_indices(), max_positions)
-    batches = dataset.batch_by_size(indices, max_tokens=task.cfg.max_tokens, max_sentences=task.cfg.batch_size)
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for batch in batches[rank::world]:
+        for batch in contrast_batches(task, inner, dataset, max_tokens)[rank::world]:
             sample = dataset.collater([dataset[int(i)] for i in batch])
             if device.type == "cuda":
                 sample = utils.move_to_cuda(sample, device=device)
@@ -81,4 +94,5 @@ def refresh_reference(task, inner, criterion, teacher) -> None:
     started, the scorer computes them with the checkpoint's student (larger, as it learnt to read the source); the
     prior's clean reference is re-measured on the meta set with the same student, so it is on the same scale."""
     if teacher.reference is not None:
-        teacher.reference.reset(split_contrast(task, inner, criterion, task._meta_dataset())[:, None].cpu())
+        teacher.reference.reset(split_contrast(task, inner, criterion, task._meta_dataset(),
+                                               max_tokens=task.cfg.meta_max_tokens)[:, None].cpu())

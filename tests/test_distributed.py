@@ -211,7 +211,7 @@ def test_nan_meta_loss_skips_the_teacher_update_only(tiny_data):
 
 
 # ---------------------------------------------------------------------- exact resume
-@pytest.mark.parametrize("interval", [1, 2, "refresh2-ema", "running", "prior-reference"])
+@pytest.mark.parametrize("interval", [1, 2, "refresh2-ema", "running", "prior-reference", "contrast-once"])
 def test_resume_mid_epoch_continues_exactly(tiny_data, tmp_path, interval):
     """Interrupt after 3 updates (mid-epoch) and resume: the next updates' weights and losses, and the final
     student and teacher, equal those of an uninterrupted run (teacher, its Adam state and input moments,
@@ -223,7 +223,8 @@ def test_resume_mid_epoch_continues_exactly(tiny_data, tmp_path, interval):
         ["--meta-refresh", "2", "--meta-ema", "0.9"] if averaged else []) + (
         ["--weight-norm", interval] if str(interval).startswith("running") else []) + (
         ["--teacher-inputs", "states,token_stats,source_contrast,progress", "--teacher-prior", "source_contrast",
-         "--teacher-prior-reference", "meta"] if interval == "prior-reference" else [])
+         "--teacher-prior-reference", "meta"] if interval in ("prior-reference", "contrast-once") else []) + (
+        ["--source-contrast", "once"] if interval == "contrast-once" else [])
 
     def rows(path):
         return [line.split("\t") for line in path.read_text().splitlines()[1:]]
@@ -250,6 +251,11 @@ def test_resume_mid_epoch_continues_exactly(tiny_data, tmp_path, interval):
         assert int(ta["out_norm.count"].sum()) >= 6  # every update folded in
     if interval == "prior-reference":  # the meta batches' source contrast was folded in (every fresh direction)
         assert int(ta["reference.count"]) >= 3 and float(ta["reference.sq"]) > 0
+    if interval == "contrast-once":  # the corpus pass at update 0 came back with the checkpoint, not recomputed
+        ca = sa["extra_state"]["ReweightedTranslationTask"]["source_contrast"]
+        cb = sb["extra_state"]["ReweightedTranslationTask"]["source_contrast"]
+        assert torch.equal(ca["train"], cb["train"]) and int(ta["reference.count"]) == int(tb["reference.count"]) == 1
+        assert "--source-contrast once: scoring" not in out
     if averaged:  # 6 meta updates, a fresh meta batch at updates 0, 2, 4 (the run was cut at 3: a reused one)
         da = sa["extra_state"]["ReweightedTranslationTask"]["meta_direction"]
         db = sb["extra_state"]["ReweightedTranslationTask"]["meta_direction"]
@@ -322,6 +328,34 @@ def test_ddp_survives_epochs_that_do_not_divide_over_the_workers(odd_data, tmp_p
     if "--drop-below" in extra:  # sentences were left out, the same on both workers (else the batches differ and
         left = [int(n) for n in re.findall(r"epoch \d+ leaves out (\d+) of", p.stdout)]  # the run hangs or fails)
         assert max(left) > 0, left
+
+
+def test_ddp_source_contrast_once_equals_one_process_pass(odd_data, tmp_path):
+    """--source-contrast once, 2 workers: each scores its share of the pass's batches (their number does not divide
+    over the workers), one all-reduce joins them; the values every pair gets equal one process's pass with the same
+    student (the checkpoint of the update reweighting starts at), and training goes on across two epoch ends."""
+    from fairseq import checkpoint_utils
+
+    import fairseq_reweight.task  # noqa: F401  (registers the task)
+    from fairseq_reweight.contrast import contrast_batches, split_contrast
+    from fairseq_reweight.criterion import ReweightedLabelSmoothedCrossEntropyCriterion
+
+    extra = ODD + ["--reweight-recipe", "tuned", "--source-contrast", "once", "--reweight-warmup", "7",
+                   "--save-interval-updates", "7", "--keep-interval-updates", "5"]
+    p = run_ddp(train_cmd(odd_data, tmp_path / "run", "deep", max_update=20, extra=extra), check=False)
+    assert p.returncode == 0, p.stdout[-5000:]
+    assert "done training" in p.stdout and "end of epoch 2 " in p.stdout and "teacher identical on all 2" in p.stdout
+    saved = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)["extra_state"][
+        "ReweightedTranslationTask"]["source_contrast"]
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(tmp_path / "run" / "checkpoint_1_7.pt")])
+    model, crit = models[0].eval(), ReweightedLabelSmoothedCrossEntropyCriterion(task, False, 0.0)
+    task.load_dataset("train")
+    assert len(contrast_batches(task, model, task._meta_dataset(), 400)) == 3  # the premise: the shares differ
+    for split, values in (("train", saved["train"]), ("meta", saved["meta"])):
+        dataset = task.dataset(split) if split == "train" else task._meta_dataset()
+        expected = split_contrast(task, model, crit, dataset, max_tokens=500 if split == "train" else 400)
+        assert (expected != 0).float().mean() > 0.9, split
+        assert torch.allclose(values, expected, rtol=0, atol=1e-5), (split, float((values - expected).abs().max()))
 
 
 def test_ddp_none_on_uneven_shards_equals_one_process(odd_data, tmp_path):

@@ -1,0 +1,69 @@
+"""--source-contrast once: the corpus's source contrast, computed by one pass when reweighting starts."""
+
+import pytest
+import torch
+
+from conftest import run, train_cmd
+from fairseq_reweight import compat  # noqa: F401  (torch.load allow-list)
+from fairseq_reweight.contrast import contrast_batches
+
+ONCE = ["--reweight-recipe", "tuned", "--source-contrast", "once", "--reweight-warmup", "4",
+        "--save-interval-updates", "4", "--keep-interval-updates", "5"]
+
+
+def _load(path, data):
+    """(model in eval mode, task) of a checkpoint, its task reading ``data``."""
+    from fairseq import checkpoint_utils
+
+    import fairseq_reweight.task  # noqa: F401  (registers the task)
+
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides={"data": str(data)})
+    task.load_dataset("train")
+    return models[0].eval(), task
+
+
+def _nll_per_token(model, task, src, tgt):
+    """Mean target-token NLL of one pair through fairseq's plain model forward (no padding, no batch)."""
+    sample = task.dataset("train").collater([{"id": 0, "source": src, "target": tgt}])
+    with torch.no_grad():
+        out = model(**sample["net_input"])
+        lprobs = model.get_normalized_probs(out, log_probs=True)[0]
+    return float(-lprobs.gather(-1, sample["target"][0][:, None]).mean())
+
+
+def test_corpus_contrast_is_the_students_at_the_first_reweighted_update(tiny_data, tmp_path):
+    """The values the teacher reads are, for every training pair, its target's per-token NLL given the source of
+    its neighbour in a length-sorted batch minus given its own, with the student of the update where reweighting
+    started (checked pair by pair with fairseq's plain forward of single pairs), saved in the checkpoint; the meta
+    set's values are the prior's clean reference, folded into the teacher once."""
+    run(train_cmd(tiny_data, tmp_path / "ck", "deep", max_update=7, extra=ONCE))
+    saved = torch.load(tmp_path / "ck" / "checkpoint_last.pt", weights_only=True)["extra_state"][
+        "ReweightedTranslationTask"]
+    values = saved["source_contrast"]["train"]
+    model, task = _load(tmp_path / "ck" / "checkpoint_1_4.pt", tiny_data)  # the student after the plain updates
+    dataset = task.dataset("train")
+    assert values.shape == (len(dataset),) and saved["source_contrast"]["meta"].shape == (60,)
+    checked = 0
+    for batch in contrast_batches(task, model, dataset)[:3]:
+        ids = dataset.collater([dataset[int(i)] for i in batch])["id"].tolist()  # the batch's order (by length)
+        for k, i in enumerate(ids):
+            j = ids[k - 1]  # the batch's sources rotated by one
+            src_i, src_j, tgt = dataset[int(i)]["source"], dataset[int(j)]["source"], dataset[int(i)]["target"]
+            expected = _nll_per_token(model, task, src_j, tgt) - _nll_per_token(model, task, src_i, tgt)
+            assert abs(float(values[int(i)]) - expected) < 1e-4, (int(i), float(values[int(i)]), expected)
+            checked += 1
+    assert checked > 30 and float(values.std()) > 0.01
+    reference = saved["reweighter"]["teacher"]
+    meta = saved["source_contrast"]["meta"]
+    assert int(reference["reference.count"]) == 1  # folded in once, not per meta batch
+    assert abs(float(reference["reference.mean"]) - float(meta.mean())) < 1e-5
+
+
+@pytest.mark.parametrize("value,message", [
+    ("once", "--source-contrast once: the teacher of this run does not read source_contrast"),
+    ("sometimes", "--source-contrast must be batch or once, got 'sometimes'")])
+def test_a_source_contrast_without_effect_or_unknown_is_refused(tiny_data, tmp_path, value, message):
+    p = run(train_cmd(tiny_data, tmp_path / "ck", "deep", max_update=2, extra=["--source-contrast", value]), check=False)
+    assert p.returncode != 0 and message in p.stdout, p.stdout[-3000:]
+    assert not (tmp_path / "ck" / "checkpoint_last.pt").exists()
+    assert value != "once" or "add source_contrast to --teacher-inputs" in p.stdout  # the way on
