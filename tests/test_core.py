@@ -284,10 +284,12 @@ def test_functional_call_keeps_shared_modules_and_tied_weights():
     assert m.out.weight is not m.enc_emb.weight or m.enc_emb.weight is not orig  # the bug this guards against
 
 
-def test_probe_frees_each_steps_activations():
+@pytest.mark.parametrize("reduced", [False, True], ids=["gradients", "dots"])
+def test_probe_frees_each_steps_activations(reduced):
     """A gradient hook that referenced the recorded call (which holds the hooked output) made a cycle
     through autograd's C++ hooks: every step's activations stayed alive (~20 MB per update on Multi30k
-    until the process ran out of memory). After the next step they must be collectable."""
+    until the process ran out of memory). After the next step they must be collectable (also when the hooks
+    reduce the gradients to per-example products, ``watch(dots=...)``)."""
     import gc
     import weakref
 
@@ -296,13 +298,18 @@ def test_probe_frees_each_steps_activations():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     probe = LayerProbe([("0", model[0], 0), ("2", model[2], 0)])
+    direction = {n: torch.randn_like(p) for n, p in probe.parameters().items()}
     refs = []
     for _ in range(3):
-        with probe.watch(capture_grads=True):
+        with probe.watch(capture_grads=True, dots=direction if reduced else None):
             loss = model(torch.randn(5, 4)).sum()
+        refs += [weakref.ref(c.inp) for c in probe.calls]
         loss.backward()
-        assert all(c.grad is not None for c in probe.calls)
-        refs += [weakref.ref(c.out) for c in probe.calls] + [weakref.ref(c.grad) for c in probe.calls]
+        if reduced:
+            assert all(c.box.dot is not None and c.box.dot.shape == (5,) for c in probe.calls)
+        else:
+            assert all(c.grad is not None for c in probe.calls)
+            refs += [weakref.ref(c.out) for c in probe.calls] + [weakref.ref(c.grad) for c in probe.calls]
         del loss
     probe.calls = []
     gc.collect()
@@ -491,12 +498,13 @@ def test_recipe_resolves_unset_flags_and_keeps_explicit_ones():
     assert tuned == {"meta_refresh": 4, "meta_ema": 0.9, "max_weight": 2.0, "meta_precondition": "adam",
                      "teacher_inputs": "states,token_stats,source_contrast,progress", "reweight_warmup": 400,
                      "teacher_lr": 1e-4, "teacher_prior_scale": 4.0, "teacher_prior": "source_contrast",
-                     "weight_norm": "running", "drop_below": 0.25, "teacher_prior_reference": "meta"}
+                     "weight_norm": "running", "drop_below": 0.25, "teacher_prior_reference": "meta",
+                     "source_contrast": "batch"}
     paper = recipe.resolve("paper", "deep", "fast", 1200)
     assert paper == {"meta_refresh": 1, "meta_ema": 0.0, "max_weight": None, "meta_precondition": "none",
                      "teacher_inputs": "states,token_stats,progress", "reweight_warmup": 0,
                      "teacher_lr": 1e-3, "teacher_prior_scale": 2.0, "teacher_prior": "", "weight_norm": "batch",
-                     "drop_below": None, "teacher_prior_reference": "train"}
+                     "drop_below": None, "teacher_prior_reference": "train", "source_contrast": "batch"}
     for method in ("none", "l2rw", "mwnet"):  # the published forms under both recipes
         assert recipe.resolve("tuned", method, "fast", 1200) == {
             **paper, "teacher_inputs": "loss" if method == "mwnet" else "",
@@ -515,6 +523,7 @@ def test_recipe_resolves_unset_flags_and_keeps_explicit_ones():
     mine = recipe.resolve("tuned", "deep", "fast", 1200, drop_below=0.3, teacher_prior_reference="meta")
     assert mine["drop_below"] == 0.3 and mine["teacher_prior_reference"] == "meta"
     assert recipe.resolve("tuned", "deep", "fast", 1200, drop_below=0)["drop_below"] is None  # 0: none
+    assert recipe.resolve("tuned", "deep", "fast", 1200, source_contrast="once")["source_contrast"] == "once"
     # the prior's clean reference only where there is a prior
     assert recipe.resolve("tuned", "deep", "fast", 1200, teacher_prior="none")["teacher_prior_reference"] == "train"
     fd = recipe.resolve("tuned", "deep", "fd", 1200)

@@ -233,6 +233,14 @@ def test_fast_probe_inner_products_are_exact(tiny_data, tied_data, monkeypatch, 
     got = first_order_of(task, probe, lr, denom, b, weights=w).grad_w
     assert torch.allclose(got, -lr / denom * ref, rtol=1e-9, atol=1e-12)
 
+    # what the training pass does: the products reduced during the backward, no gradient or output kept
+    with probe.watch(capture_grads=True, dots=direction):
+        out = criterion.per_sentence(model, sample)
+    (w * out.loss).sum().backward()
+    assert all(c.grad is None and c.out is None and c.inp is None for c in probe.calls)
+    got = first_order_of(task, probe, lr, denom, b, weights=w).grad_w
+    assert torch.allclose(got, -lr / denom * ref, rtol=1e-9, atol=1e-12)
+
 
 def test_fast_meta_direction_is_the_meta_loss_gradient(tiny_data, monkeypatch):
     _float64_softmax(monkeypatch)

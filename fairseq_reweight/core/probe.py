@@ -40,18 +40,19 @@ from .metagrad import MetaGrad
 
 
 class _Box:
-    __slots__ = ("grad",)
+    __slots__ = ("grad", "dot")
 
     def __init__(self):
         self.grad: Optional[torch.Tensor] = None
+        self.dot: Optional[torch.Tensor] = None  # [B] per-example inner products (``watch(dots=...)``)
 
 
 @dataclass
 class _Call:
     name: str
     batch_dim: int
-    inp: torch.Tensor  # the layer's input (activations, or token ids for an embedding), detached
-    out: torch.Tensor  # the layer's output (part of the autograd graph)
+    inp: Optional[torch.Tensor]  # the layer's input (activations, or token ids for an embedding), detached
+    out: Optional[torch.Tensor]  # the layer's output (part of the autograd graph; None under ``watch(dots=...)``)
     # d loss / d out, when captured. A box that does not point back at ``out``: a gradient hook on
     # ``out`` that referenced the call would make a cycle through autograd's C++ hooks that Python's
     # garbage collector cannot see, keeping every step's activations alive (~20 MB per update).
@@ -114,22 +115,33 @@ class LayerProbe:
         return out
 
     @contextlib.contextmanager
-    def watch(self, capture_grads: bool = False, leaf: bool = False):
+    def watch(self, capture_grads: bool = False, leaf: bool = False, dots: Optional[Direction] = None):
         """Record inputs/outputs of the probed layers in the enclosed forward pass.
 
         ``capture_grads``: also keep the gradients reaching the outputs in a later backward.
         ``leaf``: for a forward with frozen parameters, turn the first probed output into a leaf
         that requires grad, so a backward from the loss stops at the probed layers.
+        ``dots``: with ``capture_grads``, reduce each output gradient as it arrives to the per-example inner
+        products with this direction (what :meth:`example_dots` returns for it), keeping neither the gradient nor
+        the output: the training pass of ``--meta-grad fast`` then holds no [positions, batch, width] tensors of
+        its own beyond the autograd graph.
         """
         self.calls = []
         handles = []
 
+        def reduce(g, call):
+            call.box.dot = self._call_dots(call, dots, _acc(g))
+            call.inp = None
+
         def hook(name, batch_dim, module, args, out):
             if leaf and not out.requires_grad:
                 out = out.detach().requires_grad_(True)
-            call = _Call(name, batch_dim, args[0].detach(), out)
+            call = _Call(name, batch_dim, args[0].detach(), out if dots is None else None)
             if capture_grads and out.requires_grad:
-                out.register_hook(lambda g, box=call.box: setattr(box, "grad", g))
+                if dots is None:
+                    out.register_hook(lambda g, box=call.box: setattr(box, "grad", g))
+                else:  # the closure holds the call, which does not hold ``out``: no cycle through the hook
+                    out.register_hook(lambda g, call=call: reduce(g, call))
             self.calls.append(call)
             return out.clone()  # later in-place ops (e.g. q *= scaling) must not change the recorded output
 
@@ -191,33 +203,37 @@ class LayerProbe:
         return result
 
     def example_dots(self, direction: Direction, batch_size: int) -> torch.Tensor:
-        """``[B]``: the inner product of ``direction`` with each example's gradient on the probed parameters."""
+        """``[B]``: the inner product of ``direction`` with each example's gradient on the probed parameters (under
+        ``watch(dots=direction)``: the products reduced during the backward)."""
         dots = None
         for c in self.calls:
-            m, d = self._modules[c.name], self._grad_of(c)
-            if c.inp.shape[c.batch_dim] != batch_size:
+            dots_c = c.box.dot if c.box.dot is not None else self._call_dots(c, direction, self._grad_of(c))
+            if dots_c.shape[0] != batch_size:
                 raise RuntimeError(f"{c.name}: expected {batch_size} examples along dim {c.batch_dim} of its "
-                                   f"input, got shape {tuple(c.inp.shape)}")
-            v = direction[self._pname[id(m.weight)]].to(d.dtype)
-            if isinstance(m, nn.Conv2d):  # <V, grad_W l_i> = sum over positions of d . conv(a, V)
-                u = torch.nn.functional.conv2d(_acc(c.inp).to(d.dtype), v, None, m.stride, m.padding, m.dilation,
-                                               m.groups)
-                if m.bias is not None:
-                    u = u + direction[self._pname[id(m.bias)]].to(d.dtype)[:, None, None]
-                dots_c = (u * d).reshape(batch_size, -1).sum(1)
-                dots = dots_c if dots is None else dots + dots_c
-                continue
-            if isinstance(m, nn.Embedding):
-                u = v[c.inp]
-                if m.padding_idx is not None:
-                    u = u * c.inp.ne(m.padding_idx).unsqueeze(-1).to(u.dtype)
-            else:
-                u = _acc(c.inp).to(d.dtype) @ v.t()
-                if m.bias is not None:
-                    u = u + direction[self._pname[id(m.bias)]].to(d.dtype)
-            per_pos = (u * d).sum(-1).movedim(c.batch_dim, 0).reshape(batch_size, -1).sum(1)
-            dots = per_pos if dots is None else dots + per_pos
+                                   f"input, got {dots_c.shape[0]}")
+            dots = dots_c if dots is None else dots + dots_c
         return dots
+
+    def _call_dots(self, c: _Call, direction: Direction, d: torch.Tensor) -> torch.Tensor:
+        """``[examples]``: one recorded call's share of :meth:`example_dots`, from its output gradient ``d``."""
+        m = self._modules[c.name]
+        v = direction[self._pname[id(m.weight)]].to(d.dtype)
+        n = c.inp.shape[c.batch_dim]
+        if isinstance(m, nn.Conv2d):  # <V, grad_W l_i> = sum over positions of d . conv(a, V)
+            u = torch.nn.functional.conv2d(_acc(c.inp).to(d.dtype), v, None, m.stride, m.padding, m.dilation,
+                                           m.groups)
+            if m.bias is not None:
+                u = u + direction[self._pname[id(m.bias)]].to(d.dtype)[:, None, None]
+            return (u * d).reshape(n, -1).sum(1)
+        if isinstance(m, nn.Embedding):
+            u = v[c.inp]
+            if m.padding_idx is not None:
+                u = u * c.inp.ne(m.padding_idx).unsqueeze(-1).to(u.dtype)
+        else:
+            u = _acc(c.inp).to(d.dtype) @ v.t()
+            if m.bias is not None:
+                u = u + direction[self._pname[id(m.bias)]].to(d.dtype)
+        return (u * d).sum(-1).movedim(c.batch_dim, 0).reshape(n, -1).sum(1)
 
 
 def meta_direction(probe: LayerProbe, params: Sequence[torch.Tensor],

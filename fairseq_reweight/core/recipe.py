@@ -7,7 +7,8 @@ running mean output (not the batch mean: fairseq's length-bucketed batches of mo
 otherwise get mean weight one), the meta direction preconditioned like the student's Adam step, the prior
 standardised by the clean meta set's source contrast (not the training batches': those make the teacher weight the
 lower part of any corpus, a clean one too, near zero), and the pairs whose mean weight in an epoch fell below 0.25
-left out of later epochs (the teacher as a filter during training). ``paper`` is Fan et al. (2021) as published: no warm-up, the
+left out of later epochs (the teacher as a filter during training). ``paper`` is Fan et al. (2021)
+as published: no warm-up, the
 teacher on decoder states, token-loss statistics and progress, a fresh meta direction every update, no
 cap, the raw look-ahead direction. ``l2rw`` and ``mwnet`` keep their published forms under both recipes.
 A flag given explicitly always wins over the recipe.

@@ -70,7 +70,9 @@ class FastMetaGrad:
         """Around the student's training forward: the probes record it on meta updates."""
         if not self._active:
             return contextlib.nullcontext()
-        return self.probe.watch(capture_grads=self.rw.has_teacher)
+        # a teacher's meta-gradient needs only <v, grad l_i>: reduced during the backward (l2rw reads the gradients)
+        return self.probe.watch(capture_grads=self.rw.has_teacher,
+                                dots=self.direction[0] if self.rw.has_teacher else None)
 
     def weights(self, step: int, features: Optional[torch.Tensor], losses: torch.Tensor, lr: float, denom: float,
                 lookahead=None) -> Tuple[torch.Tensor, Dict[str, float]]:
