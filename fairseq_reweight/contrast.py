@@ -1,7 +1,10 @@
-"""``--source-contrast once``: the source contrast of every training pair and every meta pair, computed in one
-pass when reweighting starts and kept for the rest of training (instead of in every training batch, which costs
-about 1.7 forwards of the student per update). The values are the teacher's input and prior; the meta set's
-become the prior's clean reference, folded into the teacher once. Saved in the checkpoint (4 bytes per pair)."""
+"""``--source-contrast once|live``: the source contrast's per-token NLLs of every training pair and every meta pair,
+computed in one pass when reweighting starts (instead of two eval-mode passes in every training batch, which cost
+about 1.7 forwards of the student per update). ``once``: the contrast is the pass's, kept for the rest of training.
+``live``: the NLL given another source is the pass's, the NLL given the pair's own source is the training forward's
+(free, and it follows the student as it learns to read the source; the meta set's from the meta forward). The values
+are the teacher's input and prior; the meta set's are the prior's clean reference. Saved in the checkpoint (8 bytes
+per pair)."""
 
 import logging
 import time
@@ -17,10 +20,12 @@ logger = logging.getLogger(__name__)
 
 
 class CorpusContrast:
-    def __init__(self):
-        self.train: Optional[torch.Tensor] = None  # [pairs of the training split], float32, CPU
-        self.meta: Optional[torch.Tensor] = None  # [pairs of the meta split]
-        self.reference_pending = False  # the meta values still to be folded into the teacher's reference
+    def __init__(self, live: bool = False):
+        self.live = live
+        # [pairs, 2]: per-token NLL given another source, given the own source (float32, CPU)
+        self.train: Optional[torch.Tensor] = None  # of the training split
+        self.meta: Optional[torch.Tensor] = None  # of the meta split
+        self.reference_pending = False  # once: the meta values still to be folded into the teacher's reference
 
     @property
     def ready(self) -> bool:
@@ -35,29 +40,40 @@ class CorpusContrast:
         logger.info(f"--source-contrast once: scoring {len(datasets[0])} training and {len(datasets[1])} meta pairs "
                     f"(one pass in eval mode{f', {world} workers' if world > 1 else ''})")
         cfg = task.cfg
-        values = torch.cat([split_contrast(task, inner, criterion, datasets[0], rank, world),
-                            split_contrast(task, inner, criterion, datasets[1], rank, world,
+        values = torch.cat([split_contrast(task, inner, criterion, datasets[0], rank, world, parts=True),
+                            split_contrast(task, inner, criterion, datasets[1], rank, world, parts=True,
                                            max_tokens=cfg.meta_max_tokens or cfg.max_tokens)])
         if world > 1:
             all_reduce(values)
         values = values.cpu()
         self.train, self.meta = values[:len(datasets[0])], values[len(datasets[0]):]
-        self.reference_pending = True
-        logger.info(f"--source-contrast once: done in {time.time() - start:.0f} s")
+        self.reference_pending = not self.live
+        logger.info(f"--source-contrast {self.mode}: done in {time.time() - start:.0f} s")
 
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        ids = ids.cpu()
-        if ids.numel() and int(ids.max()) >= len(self.train):
-            raise ValueError(f"the checkpoint's source contrast (--source-contrast once) covers {len(self.train)} "
-                             f"training pairs, but this batch has pair {int(ids.max())}: the checkpoint was trained on "
-                             "another training split; continue from it with --reset-teacher")
-        return self.train[ids].to(ids.device if ids.device.type != "cpu" else self.train.device)
+    @property
+    def mode(self) -> str:
+        return "live" if self.live else "once"
+
+    def values(self, ids: torch.Tensor, own: Optional[torch.Tensor] = None, meta: bool = False) -> torch.Tensor:
+        """``[B]``: the source contrast of pairs ``ids`` (of the training split, or the meta split): the pass's NLL
+        given another source minus ``own`` (live: the per-token NLL given the own source, from the forward that
+        trains on them) or, once, the pass's."""
+        table = self.meta if meta else self.train
+        if ids.numel() and int(ids.max()) >= len(table):
+            raise ValueError(f"the checkpoint's source contrast (--source-contrast {self.mode}) covers {len(table)} "
+                             f"{'meta' if meta else 'training'} pairs, but this batch has pair {int(ids.max())}: the "
+                             "checkpoint was trained on another split; continue from it with --reset-teacher")
+        rows = table[ids.cpu()].to(ids.device)
+        return rows[:, 0] - (rows[:, 1] if own is None else own.detach().to(rows.dtype))
 
     def state_dict(self) -> Optional[dict]:
         return None if self.train is None else {"train": self.train, "meta": self.meta}
 
     def load_state_dict(self, state: Optional[dict]) -> None:
         if state:
+            if state["train"].dim() != 2:
+                raise ValueError("this checkpoint's --source-contrast values are of an older format (the contrast "
+                                 "only); continue from it with --reset-teacher, which runs the corpus pass again")
             self.train, self.meta, self.reference_pending = state["train"], state["meta"], False
 
 
@@ -73,24 +89,24 @@ def contrast_batches(task, inner, dataset, max_tokens: Optional[int] = None) -> 
 
 
 def split_contrast(task, inner, criterion, dataset, rank: int = 0, world: int = 1,
-                   max_tokens: Optional[int] = None) -> torch.Tensor:
-    """``[len(dataset)]``: ``criterion.source_contrast`` of every pair, in batches of the task's ``--max-tokens``
+                   max_tokens: Optional[int] = None, parts: bool = False) -> torch.Tensor:
+    """``[len(dataset)]`` (``parts``: ``[len(dataset), 2]``): ``criterion.source_contrast`` of every pair, in batches of the task's ``--max-tokens``
     built from the length-sorted pairs (as training batches are: each pair's contrast source has about its length);
     in eval mode, without graph, the RNG untouched (:func:`contrast_batches`). ``rank``/``world``: this worker's share of the batches (the
     others' pairs stay 0), as are pairs longer than the model's maximum positions."""
     device = next(inner.parameters()).device
-    values = torch.zeros(len(dataset), dtype=torch.float32, device=device)
+    values = torch.zeros((len(dataset), 2) if parts else len(dataset), dtype=torch.float32, device=device)
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for batch in contrast_batches(task, inner, dataset, max_tokens)[rank::world]:
             sample = dataset.collater([dataset[int(i)] for i in batch])
             if device.type == "cuda":
                 sample = utils.move_to_cuda(sample, device=device)
-            values[sample["id"]] = criterion.source_contrast(inner, sample).float()
+            values[sample["id"]] = criterion.source_contrast(inner, sample, parts=parts).float()
     return values
 
 
 def refresh_reference(task, inner, criterion, teacher) -> None:
-    """Scoring with ``--source-contrast once``'s teacher: it learnt on contrasts of the student when reweighting
+    """Scoring with ``--source-contrast once|live``'s teacher: it learnt on contrasts of the student when reweighting
     started, the scorer computes them with the checkpoint's student (larger, as it learnt to read the source); the
     prior's clean reference is re-measured on the meta set with the same student, so it is on the same scale."""
     if teacher.reference is not None:

@@ -131,20 +131,21 @@ class ReweightedLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCrit
         return SentenceOutput(loss.sum(1), nll.sum(1), nll.detach(), mask, states, net_output,
                               None if _torch_ddp(model) else encoder_out)
 
-    def source_contrast(self, model, sample, out: Optional[SentenceOutput] = None) -> torch.Tensor:
+    def source_contrast(self, model, sample, out: Optional[SentenceOutput] = None, parts: bool = False):
         """``[B]``: how much each target's per-token NLL rises when the decoder reads another sentence's
         source (the batch's sources rotated by one; batches are sorted by length, so it is a source of
         about the same length). A pair whose target does not translate its source (misaligned, random
         target) gains little from it. Both NLLs come from one extra forward of the whole model in eval mode
         (no dropout, no graph): dropout noise in the training pass's NLL blurs the contrast (measured on
         Multi30k: AUC 0.944 with it, 0.975 without). ``out``: the batch's :meth:`per_sentence` in eval mode, whose
-        pass is then reused (in training mode, or without it, the contrast runs its own passes)."""
+        pass is then reused (in training mode, or without it, the contrast runs its own passes). ``parts``: the
+        ``[B, 2]`` per-token NLLs given (another source, its own) instead of their difference."""
         inner = _inner(model)
         net_input = sample["net_input"]
         target = sample["target"][:, self.ignore_prefix_size:]
         bsz = target.size(0)
         if bsz < 2:
-            return torch.zeros(bsz, device=target.device)
+            return torch.zeros((bsz, 2) if parts else bsz, device=target.device)
         mask = target.ne(self.padding_idx)
         was_training = inner.training
         # in eval mode (scoring) the pass that gave `out` had no dropout: only the rotated sources are new
@@ -173,7 +174,10 @@ class ReweightedLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCrit
         finally:
             inner.train(was_training)
         own_nll = out.nll.detach().to(nll.dtype) if reuse else nll[:bsz]
-        return (nll[-bsz:] - own_nll) / mask.sum(1).clamp_min(1).to(nll.dtype)
+        ntok = mask.sum(1).clamp_min(1).to(nll.dtype)
+        if parts:
+            return torch.stack([nll[-bsz:] / ntok, own_nll / ntok], dim=1)
+        return (nll[-bsz:] - own_nll) / ntok
 
     def logging_output(self, model, sample, out: SentenceOutput, weights: torch.Tensor) -> Dict[str, float]:
         """fairseq's logging dict for a weighted batch: ``loss`` is the weighted objective,

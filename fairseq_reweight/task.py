@@ -59,8 +59,8 @@ class ReweightedTranslationConfig(TranslationConfig, ReweightConfig):
                 + recipe.TUNED_DEEP["teacher_prior_reference"] + "; paper: train)"})
     source_contrast: str = field(default="auto", metadata={
         "help": "deep, where the teacher reads source_contrast: compute it in every training batch with the current "
-                "student (batch), or once for the whole corpus and the meta set when reweighting starts (once); "
-                "auto: the recipe's (tuned: " + recipe.TUNED_DEEP["source_contrast"] + ")"})
+                "student (batch), once for the whole corpus and the meta set when reweighting starts (once), or "
+                "the other-source NLL once and the own-source NLL from the training forward (live); auto: the recipe's (tuned: " + recipe.TUNED_DEEP["source_contrast"] + ")"})
     teacher_length_ratio: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     teacher_source_contrast: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     drop_below: Optional[float] = field(default=None, metadata={
@@ -149,9 +149,10 @@ class ReweightedTranslationTask(TranslationTask):
         self.drop: Optional[EpochDrop] = None  # --drop-below, built with the training split (get_batch_iterator)
         self._pending_drop, self._left_out, self._train_itr = None, None, None
         self._meta_seen = None  # the meta batch of this update's fresh meta direction (_reference)
-        # --source-contrast once: the corpus's source contrast, computed at the first reweighted update (contrast.py)
-        self.contrast = CorpusContrast() if (cfg.source_contrast == "once" and "source_contrast" in self.inputs) \
-            else None
+        # --source-contrast once|live: the corpus pass at the first reweighted update (contrast.py)
+        self.contrast = CorpusContrast(live=cfg.source_contrast == "live") \
+            if (cfg.source_contrast in ("once", "live") and "source_contrast" in self.inputs) else None
+        self._meta_own = None  # live: (ids, per-token NLL) of this update's meta forward, the reference's own NLL
         if cfg.drop_below is not None:  # a resumed epoch is re-batched once the task has its state (_rebatch_resumed_epoch)
             cfg.rebuild_batches = True
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -169,10 +170,10 @@ class ReweightedTranslationTask(TranslationTask):
                              "weight is 1: drop it, or choose l2rw/mwnet/deep")
         if cfg.drop_below is not None:
             check_threshold(cfg.drop_below)
-        if cfg.source_contrast not in ("batch", "once"):
-            raise ValueError(f"--source-contrast must be batch or once, got {cfg.source_contrast!r}")
-        if cfg.source_contrast == "once" and "source_contrast" not in str(cfg.teacher_inputs).split(","):
-            raise ValueError("--source-contrast once: the teacher of this run does not read source_contrast (its "
+        if cfg.source_contrast not in ("batch", "once", "live"):
+            raise ValueError(f"--source-contrast must be batch, once or live, got {cfg.source_contrast!r}")
+        if cfg.source_contrast != "batch" and "source_contrast" not in str(cfg.teacher_inputs).split(","):
+            raise ValueError(f"--source-contrast {cfg.source_contrast}: the teacher of this run does not read source_contrast (its "
                              f"--teacher-inputs are {cfg.teacher_inputs or 'none'}): drop it, or add source_contrast "
                              "to --teacher-inputs (--reweight-method deep)")
         if cfg.teacher_prior_reference not in ("train", "meta"):
@@ -220,6 +221,8 @@ class ReweightedTranslationTask(TranslationTask):
         if not ignore_grad and not bool(torch.isfinite(out.loss.detach()).all()):
             return self._skip_nonfinite(sample, out, update_num, model, optimizer, criterion.sentence_avg)
 
+        if self.contrast is not None and contrast is not None and not ignore_grad:  # once/live: the pass's values
+            contrast = self.contrast.values(sample["id"], own=out.nll / out.mask.sum(1) if self.contrast.live else None)
         features = self._features(out, update_num, sample, contrast)
         denom = float(sample["target"].size(0) if criterion.sentence_avg else sample["ntokens"])
         lr = self.cfg.meta_lr if self.cfg.meta_lr is not None else optimizer.get_lr()
@@ -276,6 +279,8 @@ class ReweightedTranslationTask(TranslationTask):
         meta = self._next_meta_batch(inner, device)
         self._meta_seen = meta  # for _reference, after the strategy's probed forward
         out = criterion.per_sentence(inner, meta)
+        if self.contrast is not None and self.contrast.live:
+            self._meta_own = (meta["id"], (out.nll / out.mask.sum(1)).detach())
         return out.nll.sum() / out.mask.sum()
 
     def _reference(self, inner, criterion, meta) -> None:
@@ -285,9 +290,15 @@ class ReweightedTranslationTask(TranslationTask):
         self._meta_seen = None
         if self.cfg.teacher_prior_reference != "meta" or not self.cfg.teacher_prior or self.reweighter.teacher is None:
             return
+        if self.contrast is not None and self.contrast.live and self.cfg.teacher_prior == "source_contrast":
+            # the meta forward's own-source NLL against the pass's other-source NLL, as the training batches'
+            own, self._meta_own = self._meta_own, None
+            if own is not None:
+                self.reweighter.add_reference(self.contrast.values(own[0], own=own[1], meta=True))
+            return
         if self.contrast is not None and self.cfg.teacher_prior == "source_contrast":  # the corpus pass's, once
             if self.contrast.reference_pending:
-                self.reweighter.add_reference(self.contrast.meta)
+                self.reweighter.add_reference(self.contrast.meta[:, 0] - self.contrast.meta[:, 1])
                 self.contrast.reference_pending = False
             return
         if meta is None:
@@ -349,8 +360,9 @@ class ReweightedTranslationTask(TranslationTask):
         return self.teacher_features(out, update_num, sample, contrast) if self._active(update_num) else None
 
     def _contrast(self, criterion, model, sample, update_num, real=True):
-        """The batch's source contrast, where the teacher reads it: from the corpus pass of --source-contrast once
-        (run at the first reweighted update, on every worker), or the batch's own (eval-mode passes of the student,
+        """The batch's source contrast, where the teacher reads it: for --source-contrast once|live the batch's ids,
+        whose values train_step takes from the corpus pass (run here at the first reweighted update, on every worker)
+        once the training forward has given the live own-source NLL; for batch, the batch's own (eval-mode passes of the student,
         run before its training forward so that their log-probs never sit beside the training graph). Zeros for
         fairseq's padding batches."""
         if "source_contrast" not in self.inputs or not self._active(update_num):
@@ -361,7 +373,7 @@ class ReweightedTranslationTask(TranslationTask):
         if not real:
             return torch.zeros(sample["target"].size(0), device=sample["target"].device)
         if self.contrast is not None:
-            return self.contrast.lookup(sample["id"])
+            return sample["id"]  # the values follow the training forward (train_step)
         with torch.autograd.profiler.record_function("source_contrast"):
             return criterion.source_contrast(model, sample)
 
