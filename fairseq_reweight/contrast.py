@@ -37,7 +37,7 @@ class CorpusContrast:
         update."""
         start, (rank, world) = time.time(), rank_world()
         datasets = [task.dataset(task.cfg.train_subset), task._meta_dataset()]
-        logger.info(f"--source-contrast once: scoring {len(datasets[0])} training and {len(datasets[1])} meta pairs "
+        logger.info(f"--source-contrast {self.mode}: scoring {len(datasets[0])} training and {len(datasets[1])} meta pairs "
                     f"(one pass in eval mode{f', {world} workers' if world > 1 else ''})")
         cfg = task.cfg
         values = torch.cat([split_contrast(task, inner, criterion, datasets[0], rank, world, parts=True),
@@ -90,9 +90,10 @@ def contrast_batches(task, inner, dataset, max_tokens: Optional[int] = None) -> 
 
 def split_contrast(task, inner, criterion, dataset, rank: int = 0, world: int = 1,
                    max_tokens: Optional[int] = None, parts: bool = False) -> torch.Tensor:
-    """``[len(dataset)]`` (``parts``: ``[len(dataset), 2]``): ``criterion.source_contrast`` of every pair, in batches of the task's ``--max-tokens``
-    built from the length-sorted pairs (as training batches are: each pair's contrast source has about its length);
-    in eval mode, without graph, the RNG untouched (:func:`contrast_batches`). ``rank``/``world``: this worker's share of the batches (the
+    """``[len(dataset)]`` (``parts``: ``[len(dataset), 2]``): ``criterion.source_contrast`` of every pair, in
+    batches of the task's ``--max-tokens`` built from the length-sorted pairs (as training batches are: each pair's
+    contrast source has about its length); in eval mode, without graph, the RNG untouched (:func:`contrast_batches`).
+    ``rank``/``world``: this worker's share of the batches (the
     others' pairs stay 0), as are pairs longer than the model's maximum positions."""
     device = next(inner.parameters()).device
     values = torch.zeros((len(dataset), 2) if parts else len(dataset), dtype=torch.float32, device=device)

@@ -60,7 +60,8 @@ class ReweightedTranslationConfig(TranslationConfig, ReweightConfig):
     source_contrast: str = field(default="auto", metadata={
         "help": "deep, where the teacher reads source_contrast: compute it in every training batch with the current "
                 "student (batch), once for the whole corpus and the meta set when reweighting starts (once), or "
-                "the other-source NLL once and the own-source NLL from the training forward (live); auto: the recipe's (tuned: " + recipe.TUNED_DEEP["source_contrast"] + ")"})
+                "the other-source NLL once and the own-source NLL from the training forward (live); auto: the "
+                "recipe's (tuned: " + recipe.TUNED_DEEP["source_contrast"] + ")"})
     teacher_length_ratio: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     teacher_source_contrast: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     drop_below: Optional[float] = field(default=None, metadata={
@@ -173,7 +174,8 @@ class ReweightedTranslationTask(TranslationTask):
         if cfg.source_contrast not in ("batch", "once", "live"):
             raise ValueError(f"--source-contrast must be batch, once or live, got {cfg.source_contrast!r}")
         if cfg.source_contrast != "batch" and "source_contrast" not in str(cfg.teacher_inputs).split(","):
-            raise ValueError(f"--source-contrast {cfg.source_contrast}: the teacher of this run does not read source_contrast (its "
+            raise ValueError(f"--source-contrast {cfg.source_contrast}: the teacher of this run does not read "
+                             "source_contrast (its "
                              f"--teacher-inputs are {cfg.teacher_inputs or 'none'}): drop it, or add source_contrast "
                              "to --teacher-inputs (--reweight-method deep)")
         if cfg.teacher_prior_reference not in ("train", "meta"):
@@ -360,11 +362,11 @@ class ReweightedTranslationTask(TranslationTask):
         return self.teacher_features(out, update_num, sample, contrast) if self._active(update_num) else None
 
     def _contrast(self, criterion, model, sample, update_num, real=True):
-        """The batch's source contrast, where the teacher reads it: for --source-contrast once|live the batch's ids,
+        """The batch's source contrast, where the teacher reads it. --source-contrast once|live: the batch's ids,
         whose values train_step takes from the corpus pass (run here at the first reweighted update, on every worker)
-        once the training forward has given the live own-source NLL; for batch, the batch's own (eval-mode passes of the student,
-        run before its training forward so that their log-probs never sit beside the training graph). Zeros for
-        fairseq's padding batches."""
+        after the training forward (live: its own-source NLL). batch: the batch's own (eval-mode passes of the
+        student, run before its training forward so that their log-probs never sit beside the training graph).
+        Zeros for fairseq's padding batches."""
         if "source_contrast" not in self.inputs or not self._active(update_num):
             return None
         if self.contrast is not None and not self.contrast.ready:
