@@ -10,6 +10,7 @@ import logging
 import time
 from typing import Optional
 
+import numpy as np
 import torch
 from fairseq import utils
 from fairseq.data import data_utils
@@ -54,6 +55,12 @@ class CorpusContrast:
     def mode(self) -> str:
         return "live" if self.live else "once"
 
+    def check_size(self, pairs: int) -> None:
+        if len(self.train) != pairs:
+            raise ValueError(f"the checkpoint's source contrast (--source-contrast {self.mode}) covers {len(self.train)} "
+                             f"training pairs, but this training split has {pairs}: the checkpoint was trained on "
+                             "another split; continue from it with --reset-teacher")
+
     def values(self, ids: torch.Tensor, own: Optional[torch.Tensor] = None, meta: bool = False) -> torch.Tensor:
         """``[B]``: the source contrast of pairs ``ids`` (of the training split, or the meta split): the pass's NLL
         given another source minus ``own`` (live: the per-token NLL given the own source, from the forward that
@@ -79,13 +86,26 @@ class CorpusContrast:
 
 def contrast_batches(task, inner, dataset, max_tokens: Optional[int] = None) -> list:
     """The batches of the pass: ``max_tokens`` (default the task's ``--max-tokens``) over the pairs sorted by length
-    (the order breaks ties with numpy's RNG: seeded, so every worker builds the same list), too long ones left out."""
+    (the order breaks ties with numpy's RNG: seeded, so every worker builds the same list), too long ones left out.
+    A batch of one pair (which has no other source to read) joins its neighbour."""
     with data_utils.numpy_seed(task.cfg.seed):
         indices = dataset.ordered_indices()
     indices, _ = dataset.filter_indices_by_size(
         indices, utils.resolve_max_positions(task.max_positions(), inner.max_positions()))
-    return dataset.batch_by_size(indices, max_tokens=max_tokens or task.cfg.max_tokens,
-                                 max_sentences=task.cfg.batch_size)
+    batches = list(dataset.batch_by_size(indices, max_tokens=max_tokens or task.cfg.max_tokens,
+                                         max_sentences=task.cfg.batch_size))
+    for k in range(len(batches) - 1, -1, -1):
+        if len(batches[k]) < 2 and len(batches) > 1:
+            j = k - 1 if k > 0 else 1
+            batches[j] = np.concatenate([batches[j], batches[k]])
+            del batches[k]
+    return batches
+
+
+def scored(values: torch.Tensor) -> torch.Tensor:
+    """``[N]`` bool: the rows of a pass's ``[N, 2]`` NLLs that were scored (a per-token NLL is never exactly 0; the
+    rows of pairs the pass left out, too long for the model, stay 0)."""
+    return values.ne(0).any(1)
 
 
 def split_contrast(task, inner, criterion, dataset, rank: int = 0, world: int = 1,
@@ -110,6 +130,8 @@ def refresh_reference(task, inner, criterion, teacher) -> None:
     """Scoring with ``--source-contrast once|live``'s teacher: it learnt on contrasts of the student when reweighting
     started, the scorer computes them with the checkpoint's student (larger, as it learnt to read the source); the
     prior's clean reference is re-measured on the meta set with the same student, so it is on the same scale."""
-    if teacher.reference is not None:
-        teacher.reference.reset(split_contrast(task, inner, criterion, task._meta_dataset(),
-                                               max_tokens=task.cfg.meta_max_tokens)[:, None].cpu())
+    if teacher.reference is not None and task.cfg.teacher_prior == "source_contrast":
+        meta = split_contrast(task, inner, criterion, task._meta_dataset(), max_tokens=task.cfg.meta_max_tokens,
+                              parts=True).cpu()
+        meta = meta[scored(meta)]
+        teacher.reference.reset((meta[:, 0] - meta[:, 1])[:, None])

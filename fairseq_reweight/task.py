@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
+from fairseq import utils
 from fairseq.logging import metrics
 from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import register_task
@@ -27,7 +28,7 @@ from .core import ReweightConfig, Reweighter, WeightDumper, functional_call, par
 from .core import strategies, weight_stats
 from .core.selection import EpochDrop, check_threshold
 from .core import features as inputs
-from .contrast import CorpusContrast
+from .contrast import CorpusContrast, scored
 from .criterion import check_model, num_decoder_layers
 from .features import FEATURES, Batch
 from .layers import probe_layers
@@ -173,6 +174,10 @@ class ReweightedTranslationTask(TranslationTask):
             check_threshold(cfg.drop_below)
         if cfg.source_contrast not in ("batch", "once", "live"):
             raise ValueError(f"--source-contrast must be batch, once or live, got {cfg.source_contrast!r}")
+        if cfg.source_contrast != "batch" and len(utils.split_paths(str(cfg.data))) > 1:
+            raise ValueError(f"--source-contrast {cfg.source_contrast} keeps a value per pair of one training split, "
+                             f"but --data has {len(utils.split_paths(str(cfg.data)))} shards (each epoch another): use "
+                             "--source-contrast batch")
         if cfg.source_contrast != "batch" and "source_contrast" not in str(cfg.teacher_inputs).split(","):
             raise ValueError(f"--source-contrast {cfg.source_contrast}: the teacher of this run does not read "
                              "source_contrast (its "
@@ -214,6 +219,7 @@ class ReweightedTranslationTask(TranslationTask):
         model.set_num_updates(update_num)
         inner, device, s = _unwrap(model), sample["target"].device, self.strategy
         self._model = inner
+        self._meta_seen = self._meta_own = None  # this update's meta forward sets them
         contrast = self._contrast(criterion, model, sample, update_num, real=not ignore_grad)
         s.begin_update(update_num, real=not ignore_grad, params=list(inner.parameters()),
                        meta_loss=lambda: self._meta_loss(inner, criterion, device), optimizer=self._adam(optimizer))
@@ -224,7 +230,8 @@ class ReweightedTranslationTask(TranslationTask):
             return self._skip_nonfinite(sample, out, update_num, model, optimizer, criterion.sentence_avg)
 
         if self.contrast is not None and contrast is not None and not ignore_grad:  # once/live: the pass's values
-            contrast = self.contrast.values(sample["id"], own=out.nll / out.mask.sum(1) if self.contrast.live else None)
+            own = out.nll / out.mask.sum(1).clamp_min(1) if self.contrast.live else None
+            contrast = self.contrast.values(sample["id"], own=own)
         features = self._features(out, update_num, sample, contrast)
         denom = float(sample["target"].size(0) if criterion.sentence_avg else sample["ntokens"])
         lr = self.cfg.meta_lr if self.cfg.meta_lr is not None else optimizer.get_lr()
@@ -282,7 +289,7 @@ class ReweightedTranslationTask(TranslationTask):
         self._meta_seen = meta  # for _reference, after the strategy's probed forward
         out = criterion.per_sentence(inner, meta)
         if self.contrast is not None and self.contrast.live:
-            self._meta_own = (meta["id"], (out.nll / out.mask.sum(1)).detach())
+            self._meta_own = (meta["id"], (out.nll / out.mask.sum(1).clamp_min(1)).detach())
         return out.nll.sum() / out.mask.sum()
 
     def _reference(self, inner, criterion, meta) -> None:
@@ -295,12 +302,18 @@ class ReweightedTranslationTask(TranslationTask):
         if self.contrast is not None and self.contrast.live and self.cfg.teacher_prior == "source_contrast":
             # the meta forward's own-source NLL against the pass's other-source NLL, as the training batches'
             own, self._meta_own = self._meta_own, None
+            if own is None and meta is not None:  # fd/exact: no meta forward of _meta_loss, one of its own
+                with torch.no_grad(), torch.random.fork_rng(devices=[meta["target"].device]
+                                                            if meta["target"].device.type == "cuda" else []):
+                    out = criterion.per_sentence(inner, meta)
+                own = (meta["id"], out.nll / out.mask.sum(1).clamp_min(1))
             if own is not None:
                 self.reweighter.add_reference(self.contrast.values(own[0], own=own[1], meta=True))
             return
         if self.contrast is not None and self.cfg.teacher_prior == "source_contrast":  # the corpus pass's, once
             if self.contrast.reference_pending:
-                self.reweighter.add_reference(self.contrast.meta[:, 0] - self.contrast.meta[:, 1])
+                meta = self.contrast.meta[scored(self.contrast.meta)]
+                self.reweighter.add_reference(meta[:, 0] - meta[:, 1])
                 self.contrast.reference_pending = False
             return
         if meta is None:
@@ -375,6 +388,7 @@ class ReweightedTranslationTask(TranslationTask):
         if not real:
             return torch.zeros(sample["target"].size(0), device=sample["target"].device)
         if self.contrast is not None:
+            self.contrast.check_size(len(self.dataset(self.cfg.train_subset)))
             return sample["id"]  # the values follow the training forward (train_step)
         with torch.autograd.profiler.record_function("source_contrast"):
             return criterion.source_contrast(model, sample)

@@ -135,3 +135,42 @@ def test_live_contrast_takes_the_own_nll_from_the_training_forward(tiny_data, tm
     assert not torch.allclose(first, meta_other[ids] - saved["source_contrast"]["meta"][ids, 1], atol=1e-3)
     if len(metas) == 1:
         assert abs(float(teacher["reference.mean"]) - float(first.mean())) < 1e-5
+
+
+def test_pass_batches_give_every_pair_another_source(tiny_data, tmp_path):
+    """A batch of one pair has no other source to read: the pass joins it to its neighbour, so no pair is left
+    with the 0 of an unscored row (which live would read as a contrast of -own NLL)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    class Pairs:  # what contrast_batches asks of a dataset
+        def ordered_indices(self):
+            return np.arange(5)
+
+        def filter_indices_by_size(self, indices, max_positions):
+            return indices, []
+
+        def batch_by_size(self, indices, max_tokens, max_sentences):
+            return [np.array([0]), np.array([1, 2]), np.array([3]), np.array([4])]
+
+    task = SimpleNamespace(cfg=SimpleNamespace(seed=1, max_tokens=100, batch_size=None), max_positions=lambda: None)
+    inner = SimpleNamespace(max_positions=lambda: None)
+    batches = contrast_batches(task, inner, Pairs())
+    assert [sorted(int(i) for i in b) for b in batches] == [[0, 1, 2], [3, 4]]
+
+
+def test_live_with_the_lookahead_meta_gradient_measures_its_reference(tiny_data, tmp_path):
+    """--meta-grad fd has no meta forward of the fast path: live measures the meta batch's own-source NLL itself."""
+    live = [a if a != "once" else "live" for a in ONCE] + ["--meta-grad", "fd", "--meta-refresh", "1"]
+    run(train_cmd(tiny_data, tmp_path / "ck", "deep", max_update=7, extra=live))
+    teacher = torch.load(tmp_path / "ck" / "checkpoint_last.pt", weights_only=True)["extra_state"][
+        "ReweightedTranslationTask"]["reweighter"]["teacher"]
+    assert int(teacher["reference.count"]) >= 2 and torch.isfinite(teacher["reference.mean"]).all()
+
+
+def test_sharded_data_is_refused_with_the_corpus_pass(tiny_data, tmp_path):
+    p = run(train_cmd(f"{tiny_data}:{tiny_data}", tmp_path / "ck", "deep", max_update=2,
+                      extra=["--reweight-recipe", "tuned", "--source-contrast", "live"]), check=False)
+    assert p.returncode != 0 and "--data has 2 shards" in p.stdout and "use --source-contrast batch" in p.stdout, \
+        p.stdout[-3000:]

@@ -260,7 +260,8 @@ class Reweighter:
         """Clean reference values of the prior's input (``[B]``, the meta set's), folded in by :meth:`end_update`;
         nothing before the teacher exists or without ``prior_reference``."""
         if self.teacher is not None and self.teacher.reference is not None:
-            self.teacher.reference.accumulate(values.detach().float()[:, None])
+            values = values.detach().float()
+            self.teacher.reference.accumulate(values[torch.isfinite(values)][:, None])  # a NaN would stay for good
 
     def accumulate(self, w: torch.Tensor, mg: MetaGrad, info: Dict[str, float]) -> bool:
         """Back-propagate ``dL_meta/dw`` through the weights ``w`` into the teacher's gradients."""
