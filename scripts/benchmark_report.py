@@ -108,6 +108,12 @@ def combined_auc_plot(curves, path, title):
     plt.close(fig)
 
 
+# results.json fields beyond method/condition/seed/bleu/chrf/auc, and the weight analysis' keys they hold, so that a
+# table regenerated on another machine (--carry) shows every column of runs no longer on disk
+CARRIED = (("auc_sentence_mean", "auc_last_sentence_mean"), ("w_clean", "mean_w_clean_last"),
+           ("w_corrupted", "mean_w_corrupted_last"), ("auc_neg_loss", "auc_last_neg_loss"))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs-dir", required=True)
@@ -126,7 +132,7 @@ def main(argv=None):
     p.add_argument("--data-noisy", default="")
     p.add_argument("--command", default="scripts/run_multi30k_benchmark.sh")
     p.add_argument("--carry", default="", help="an earlier results.json: its rows stand in for runs that are not in "
-                   "--runs-dir (BLEU, chrF and AUC only; listed as carried over)")
+                   "--runs-dir (BLEU, chrF, the weight analysis' figures and s/update; listed as carried over)")
     args = p.parse_args(argv)
 
     runs, out = Path(args.runs_dir), Path(args.results_dir)
@@ -158,9 +164,15 @@ def main(argv=None):
             c = next((k for k, v in cond_name.items() if v == row.get("condition")), None)
             key = (c, row.get("method"), str(row.get("seed")))
             if key in R and R[key]["bleu"] is None:
-                R[key].update(bleu={"bleu": row["bleu"], "chrf": row.get("chrf")}, updates=None)
+                R[key].update(bleu={"bleu": row["bleu"], "chrf": row.get("chrf"),
+                                    **{k: row[k] for k in ("bleu_signature", "chrf_signature") if k in row}},
+                              updates=None,
+                              spu=row.get("s_per_update"), wall=row.get("train_wall_s"))
                 if row.get("auc") is not None:  # a filter's AUC is its score's; a method's, its weights'
-                    R[key]["filter" if key[1].startswith("filter-") else "ana"] = {"auc": row["auc"], "auc_last": row["auc"]}
+                    if key[1].startswith("filter-"):
+                        R[key]["filter"] = {"auc": row["auc"]}
+                    else:
+                        R[key]["ana"] = {"auc_last": row["auc"], **{k: row[f] for f, k in CARRIED if f in row}}
                 carried.append(f"{key[0]}/{key[1]}/seed{key[2]}")
     done = sum(r["bleu"] is not None for r in R.values())
 
@@ -252,22 +264,26 @@ def main(argv=None):
     # plots: combined AUC curves (first seed with data) + each method's histogram / curve
     plots = []
     if "noisy" in conds:
-        for s in seeds:
-            curves = {m: R["noisy", m, s]["ana"]["curve"] for m in methods
-                      if m != "perfect" and (R["noisy", m, s]["ana"] or {}).get("curve")}
-            if curves:
-                path = out / "weights_auc_all.png"
-                combined_auc_plot(curves, path, f"weight AUC over training, {noisy_label}, seed {s}")
-                plots.append((f"Weight AUC over training, all methods (seed {s})", path.name))
-                for m in (m for m in methods if m != "perfect" and not m.startswith("filter-")):
-                    d = R["noisy", m, s]["dir"]
-                    for name, what in (("weights_hist.png", "weight histogram, clean vs corrupted"),
-                                       ("weights_auc.png", "weight AUC over training")):
-                        if (d / name).exists():
-                            dest = out / name.replace(".png", f"_{m}.png")
-                            shutil.copy(d / name, dest)
-                            plots.append((f"{m}: {what} (seed {s})", dest.name))
-                break
+        # a carried run's plots stay as an earlier report wrote them; the combined plot is redrawn only when every
+        # method with weights has its curve on disk
+        s = seeds[0]
+        curves = {m: R["noisy", m, s]["ana"]["curve"] for m in methods
+                  if m != "perfect" and (R["noisy", m, s]["ana"] or {}).get("curve")}
+        weighted = [m for m in methods if (R["noisy", m, s]["ana"] or {}).get("auc_last") is not None]
+        path = out / "weights_auc_all.png"
+        if curves and set(weighted) <= set(curves):
+            combined_auc_plot(curves, path, f"weight AUC over training, {noisy_label}, seed {s}")
+        if path.exists():
+            plots.append((f"Weight AUC over training, all methods (seed {s})", path.name))
+        for m in (m for m in methods if m != "perfect" and not m.startswith("filter-")):
+            d = R["noisy", m, s]["dir"]
+            for name, what in (("weights_hist.png", "weight histogram, clean vs corrupted"),
+                               ("weights_auc.png", "weight AUC over training")):
+                dest = out / name.replace(".png", f"_{m}.png")
+                if (d / name).exists():
+                    shutil.copy(d / name, dest)
+                if dest.exists():
+                    plots.append((f"{m}: {what} (seed {s})", dest.name))
     if plots:
         L.append("## Plots\n")
         for caption, name in plots:
@@ -283,7 +299,8 @@ def main(argv=None):
             L.append(f"\n**Warning:** these runs did not stop at --max-update {args.max_update} (a runs folder "
                      f"reused with another budget?): {', '.join(off)}")
     if carried:
-        L.append(f"\nCarried over from `{args.carry}` (BLEU, chrF, AUC; runs no longer on disk): {', '.join(carried)}")
+        L.append(f"\nCarried over from `{args.carry}` (runs no longer on disk; per-seed figures as recorded there): "
+                 f"{', '.join(carried)}")
     missing = [f"{c}/{m}/seed{s}" for (c, m, s), r in R.items() if r["bleu"] is None]
     if missing:
         L.append(f"\nMissing (not finished yet): {', '.join(missing)}")
@@ -295,8 +312,18 @@ def main(argv=None):
         if m.startswith("filter-"):
             a = (r["filter"] or {}).get("auc")
             a = round(a, 4) if a is not None else None
-        rows.append({"method": m, "condition": cond_name[c], "seed": int(s), "bleu": r["bleu"]["bleu"],
-                     "chrf": r["bleu"]["chrf"], "auc": a})
+        row = {"method": m, "condition": cond_name[c], "seed": int(s), "bleu": r["bleu"]["bleu"],
+               "chrf": r["bleu"]["chrf"], "auc": a}
+        if a is not None and not m.startswith("filter-"):
+            row.update({f: r["ana"][k] for f, k in CARRIED if r["ana"].get(k) is not None})
+        row.update({k: v for k, v in (("s_per_update", r.get("spu")), ("train_wall_s", r.get("wall")),
+                                      ("bleu_signature", r["bleu"].get("bleu_signature")),
+                                      ("chrf_signature", r["bleu"].get("chrf_signature"))) if v is not None})
+        rows.append(row)
+    if args.carry:  # rows of methods, conditions or seeds outside this table are kept, not lost
+        shown = {(r["method"], r["condition"], r["seed"]) for r in rows}
+        rows += [r for r in load_json(Path(args.carry)) or [] if (r.get("method"), r.get("condition"),
+                                                                  r.get("seed")) not in shown]
     (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     if "noisy" in conds and {"none", "perfect"} <= set(methods):
         mean = {m: mean_sd([get("noisy", m, s)["bleu"]["bleu"] if get("noisy", m, s)["bleu"] else None

@@ -56,6 +56,8 @@ Options:
                          the seconds per update of all methods are measured under the same load)
   --threads N            CPU threads per run (default 1; see train_translation.sh --threads)
   --report-only          only (re)write RESULTS.md from the runs on disk
+  --carry                the rows of the results folder's results.json stand in for runs not on disk (a fresh
+                         machine: every column, listed as carried over; rows outside the table are kept)
   --dry-run              print the runs that would be done
   -h, --help             this help
 EOF
@@ -66,7 +68,7 @@ log() { echo "[benchmark $(date +%H:%M:%S)] $*" >&2; }
 
 SEEDS="1 2" METHODS="none l2rw mwnet deep perfect" MAX_UPDATE="" WARMUP=400 PRESET=small-cpu NOISE=misaligned RATE=0.3
 VOCAB=8000 META=1000 DATA_SEED=1 CONDITIONS="clean noisy" RUNS="$ROOT/runs/multi30k"
-RESULTS="" TRAIN_ARGS="" DEEP_ARGS="" FILTER_KEEP="" FILTER_SCORER=none GPU="" JOBS=2 THREADS=1 REPORT_ONLY="" DRY="" ONE=""
+RESULTS="" CARRY="" TRAIN_ARGS="" DEEP_ARGS="" FILTER_KEEP="" FILTER_SCORER=none GPU="" JOBS=2 THREADS=1 REPORT_ONLY="" DRY="" ONE=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
@@ -91,6 +93,7 @@ while [[ $# -gt 0 ]]; do
         --jobs) JOBS="${2:?}"; shift 2 ;;
         --threads) THREADS="${2:?}"; shift 2 ;;
         --report-only) REPORT_ONLY=1; shift ;;
+        --carry) CARRY=1; shift ;;
         --dry-run) DRY=1; shift ;;
         --_one) ONE="${2:?}"; shift 2 ;;  # internal: "COND METHOD SEED"
         *) usage >&2; die "unknown option: $1" ;;
@@ -284,8 +287,14 @@ report() {
     python "$ROOT/scripts/benchmark_report.py" --runs-dir "$RUNS" --results-dir "$RESULTS" --seeds "$SEEDS" \
         --methods "$METHODS" --conditions "$CONDITIONS" --noise "$NOISE" --noise-rate "$RATE" \
         --preset "$PRESET" --max-update "$MAX_UPDATE" --warmup "$WARMUP" --jobs "$JOBS" --threads "$THREADS" --data-clean "$DATA_CLEAN" --data-noisy "$DATA_NOISY" \
-        --command "scripts/run_multi30k_benchmark.sh $*"
+        --command "scripts/run_multi30k_benchmark.sh $*" ${CARRY:+--carry "$CARRY"}
 }
+# --carry: the results recorded in the results folder stand in for runs that are not on this machine (a fresh
+# checkout); copied first, as the report rewrites that file
+if [[ -n "$CARRY" ]]; then
+    [[ -f "$RESULTS/results.json" ]] || die "--carry: no $RESULTS/results.json to carry"
+    cp "$RESULTS/results.json" "$RUNS/carried_results.json"; CARRY="$RUNS/carried_results.json"
+fi
 ARGS_STR="--seeds \"$SEEDS\" --max-update $MAX_UPDATE --warmup $WARMUP${DEEP_ARGS:+ --deep-args \"$DEEP_ARGS\"} --preset $PRESET --noise $NOISE --noise-rate $RATE --jobs $JOBS --threads $THREADS${TRAIN_ARGS:+ --train-args \"$TRAIN_ARGS\"}${GPU:+ --gpu}"
 if [[ -n "$REPORT_ONLY" ]]; then
     report "$ARGS_STR"

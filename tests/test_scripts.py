@@ -443,9 +443,16 @@ def test_benchmark_report_and_dry_run(tmp_path):
     assert "| perfect | – | 29.00 ± 1.41 (28.00, 30.00) |" in md
     assert "Share of the gap to perfect weights (8.00 BLEU, misaligned 30%) recovered, mean over seeds: `deep` +50 %" in md
     rows = json.loads((res / "results.json").read_text())
-    assert {"method": "deep", "condition": "misaligned0.3", "seed": 1, "bleu": 25.0, "chrf": 50.0, "auc": 0.9} in rows
-    assert {"method": "none", "condition": "clean", "seed": 2, "bleu": 31.0, "chrf": 50.0, "auc": None} in rows
-    assert {"method": "perfect", "condition": "misaligned0.3", "seed": 1, "bleu": 28.0, "chrf": 55.0, "auc": None} in rows
+
+    def has(rows, row):  # a row with these fields (and maybe more)
+        return any(all(r.get(k) == v for k, v in row.items()) for r in rows)
+
+    assert has(rows, {"method": "deep", "condition": "misaligned0.3", "seed": 1, "bleu": 25.0, "chrf": 50.0, "auc": 0.9,
+                      "w_clean": 1.1, "w_corrupted": 0.6, "auc_sentence_mean": 0.95, "auc_neg_loss": 0.7,
+                      "s_per_update": 0.8})
+    assert has(rows, {"method": "none", "condition": "clean", "seed": 2, "bleu": 31.0, "chrf": 50.0, "auc": None})
+    assert has(rows, {"method": "perfect", "condition": "misaligned0.3", "seed": 1, "bleu": 28.0, "chrf": 55.0,
+                      "auc": None})
     assert len(rows) == 9  # 11 runs, noisy/deep/seed2 unfinished, none of perfect on clean
     # a filter run reports its score's AUC; --carry fills runs no longer on disk from an earlier results.json
     d = runs / "noisy" / "filter-loss" / "seed1"
@@ -455,9 +462,12 @@ def test_benchmark_report_and_dry_run(tmp_path):
     (d / "filter_analysis.json").write_text(json.dumps({"auc": 0.71}))
     old = tmp_path / "old.json"
     old.write_text(json.dumps([{"method": "deep", "condition": "misaligned0.3", "seed": 2, "bleu": 27.0, "chrf": 49.0,
-                                "auc": 0.8}, {"method": "filter-loss", "condition": "misaligned0.3", "seed": 2,
-                                              "bleu": 26.0, "chrf": 51.0, "auc": 0.69},
-                               {"method": "deep", "condition": "misaligned0.3", "seed": 1, "bleu": 1.0, "auc": 0.1}]))
+                                "auc": 0.8, "w_clean": 1.3, "w_corrupted": 0.2, "auc_sentence_mean": 0.85,
+                                "auc_neg_loss": 0.65, "s_per_update": 0.6},
+                               {"method": "filter-loss", "condition": "misaligned0.3", "seed": 2,
+                                "bleu": 26.0, "chrf": 51.0, "auc": 0.69},
+                               {"method": "deep", "condition": "misaligned0.3", "seed": 1, "bleu": 1.0, "auc": 0.1},
+                               {"method": "mwnet", "condition": "misaligned0.3", "seed": 1, "bleu": 23.0, "auc": 0.7}]))
     sh([sys.executable, SCRIPTS / "benchmark_report.py", "--runs-dir", runs, "--results-dir", res,
         "--methods", "filter-loss deep none perfect", "--seeds", "2 1", "--conditions", "noisy", "--carry", old])
     md = (res / "RESULTS.md").read_text()
@@ -465,10 +475,27 @@ def test_benchmark_report_and_dry_run(tmp_path):
     assert "| filter-loss (its score, whole train split) | 0.700 ± 0.014 (0.690, 0.710) |" in md
     assert "Carried over from" in md and "noisy/deep/seed2, noisy/filter-loss/seed2" in md
     assert "sacrebleu signature: `SIG`" in md
+    # every column of a carried run: the weight analysis' figures and its seconds per update
+    assert "| deep | 0.850 ± 0.071 (0.800, 0.900) | 0.900 ± 0.071 (0.850, 0.950) | 1.200 / 0.400 | 0.675 ± 0.035 " \
+           "(0.650, 0.700) |" in md
+    assert "| deep | 0.700 | 1.75× |" in md
     rows = json.loads((res / "results.json").read_text())
-    assert {"method": "filter-loss", "condition": "misaligned0.3", "seed": 1, "bleu": 27.0, "chrf": 52.0,
-            "auc": 0.71} in rows
-    assert {"method": "deep", "condition": "misaligned0.3", "seed": 2, "bleu": 27.0, "chrf": 49.0, "auc": 0.8} in rows
+    assert has(rows, {"method": "filter-loss", "condition": "misaligned0.3", "seed": 1, "bleu": 27.0, "chrf": 52.0,
+                      "auc": 0.71})
+    assert has(rows, {"method": "deep", "condition": "misaligned0.3", "seed": 2, "bleu": 27.0, "chrf": 49.0, "auc": 0.8,
+                      "w_clean": 1.3, "s_per_update": 0.6})
+    assert has(rows, {"method": "mwnet", "seed": 1, "bleu": 23.0})  # outside this table: kept, not lost
+    assert not has(rows, {"method": "deep", "seed": 1, "bleu": 1.0})  # the run on disk wins
+
+    # a fresh machine: the runner's --report-only --carry rebuilds the table from the recorded results alone
+    sh([SCRIPTS / "run_multi30k_benchmark.sh", "--report-only", "--carry", "--runs-dir", tmp_path / "fresh",
+        "--results-dir", res, "--methods", "none deep", "--conditions", "noisy"])
+    md = (res / "RESULTS.md").read_text()
+    assert "| deep | 26.00 ± 1.41 (25.00, 27.00) |" in md and "Carried over from" in md
+    assert has(json.loads((res / "results.json").read_text()), {"method": "mwnet", "seed": 1, "bleu": 23.0})
+    p = subprocess.run([SCRIPTS / "run_multi30k_benchmark.sh", "--report-only", "--carry", "--runs-dir",
+                        tmp_path / "fresh", "--results-dir", tmp_path / "empty"], capture_output=True, text=True)
+    assert p.returncode == 2 and "--carry: no" in p.stderr and "results.json to carry" in p.stderr
 
     p = sh([SCRIPTS / "run_multi30k_benchmark.sh", "--dry-run", "--runs-dir", runs, "--seeds", "1 2 3"])
     lines = [x for x in p.stdout.splitlines() if x.startswith(("todo", "done"))]
