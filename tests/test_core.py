@@ -598,6 +598,11 @@ def test_teacher_prior_reference_standardises_the_prior_by_the_clean_reference()
     back.end_update()
     assert int(rw.teacher.reference.count) == 1 and torch.equal(back.teacher.reference.mean, rw.teacher.reference.mean)
     assert float(rw.teacher.reference.mean[0]) == pytest.approx(float(clean[:8, 1].mean()), abs=1e-6)
+    rw.add_reference(torch.tensor([float("nan"), float("inf"), 5.0]))  # a non-finite meta NLL is left out
+    rw.end_update()
+    assert torch.isfinite(rw.teacher.reference.mean).all() and torch.isfinite(rw.teacher.reference.sq).all()
+    expected = float(clean[:8, 1].mean()) * (1 - rw.teacher.reference.momentum) + 5.0 * rw.teacher.reference.momentum
+    assert float(rw.teacher.reference.mean[0]) == pytest.approx(expected, abs=1e-5)
 
 
 def test_normalize_running_scale_keeps_the_batch_gradient_and_lets_bad_batches_weigh_less():
@@ -699,8 +704,3 @@ def test_running_weight_norm_resumes_a_checkpoint_of_the_older_format():
     again.end_update()
     assert torch.equal(again.teacher.out_norm.mean, rw.teacher.out_norm.mean)
     assert again.teacher.out_norm.count.tolist() == [2]
-    rw.add_reference(torch.tensor([float("nan"), float("inf"), 5.0]))  # a non-finite meta NLL is left out
-    rw.end_update()
-    assert torch.isfinite(rw.teacher.reference.mean).all() and torch.isfinite(rw.teacher.reference.sq).all()
-    expected = float(clean[:8, 1].mean()) * (1 - rw.teacher.reference.momentum) + 5.0 * rw.teacher.reference.momentum
-    assert float(rw.teacher.reference.mean[0]) == pytest.approx(expected, abs=1e-5)
