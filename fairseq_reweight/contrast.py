@@ -1,10 +1,8 @@
-"""``--source-contrast once|live``: the source contrast's per-token NLLs of every training pair and every meta pair,
-computed in one pass when reweighting starts (instead of two eval-mode passes in every training batch, which cost
-about 1.7 forwards of the student per update). ``once``: the contrast is the pass's, kept for the rest of training.
-``live``: the NLL given another source is the pass's, the NLL given the pair's own source is the training forward's
-(free, and it follows the student as it learns to read the source; the meta set's from the meta forward). The values
-are the teacher's input and prior; the meta set's are the prior's clean reference. Saved in the checkpoint (8 bytes
-per pair)."""
+"""``--source-contrast once``: the source contrast (a target's per-token NLL given another source minus given its own)
+of every training pair and every meta pair, computed in one pass when reweighting starts and kept for the rest of
+training (instead of in every training batch, which costs about 1.7 forwards of the student per update). The
+values are the teacher's input and prior; the meta set's become the prior's clean reference, folded into the teacher
+once. Saved in the checkpoint: both NLLs, 8 bytes per pair."""
 
 import logging
 import time
@@ -21,12 +19,11 @@ logger = logging.getLogger(__name__)
 
 
 class CorpusContrast:
-    def __init__(self, live: bool = False):
-        self.live = live
+    def __init__(self):
         # [pairs, 2]: per-token NLL given another source, given the own source (float32, CPU)
         self.train: Optional[torch.Tensor] = None  # of the training split
         self.meta: Optional[torch.Tensor] = None  # of the meta split
-        self.reference_pending = False  # once: the meta values still to be folded into the teacher's reference
+        self.reference_pending = False  # the meta values still to be folded into the teacher's reference
 
     @property
     def ready(self) -> bool:
@@ -38,7 +35,7 @@ class CorpusContrast:
         update."""
         start, (rank, world) = time.time(), rank_world()
         datasets = [task.dataset(task.cfg.train_subset), task._meta_dataset()]
-        logger.info(f"--source-contrast {self.mode}: scoring {len(datasets[0])} training and {len(datasets[1])} meta pairs "
+        logger.info(f"--source-contrast once: scoring {len(datasets[0])} training and {len(datasets[1])} meta pairs "
                     f"(one pass in eval mode{f', {world} workers' if world > 1 else ''})")
         cfg = task.cfg
         values = torch.cat([split_contrast(task, inner, criterion, datasets[0], rank, world, parts=True),
@@ -48,30 +45,24 @@ class CorpusContrast:
             all_reduce(values)
         values = values.cpu()
         self.train, self.meta = values[:len(datasets[0])], values[len(datasets[0]):]
-        self.reference_pending = not self.live
-        logger.info(f"--source-contrast {self.mode}: done in {time.time() - start:.0f} s")
-
-    @property
-    def mode(self) -> str:
-        return "live" if self.live else "once"
+        self.reference_pending = True
+        logger.info(f"--source-contrast once: done in {time.time() - start:.0f} s")
 
     def check_size(self, pairs: int) -> None:
         if len(self.train) != pairs:
-            raise ValueError(f"the checkpoint's source contrast (--source-contrast {self.mode}) covers {len(self.train)} "
+            raise ValueError(f"the checkpoint's source contrast (--source-contrast once) covers {len(self.train)} "
                              f"training pairs, but this training split has {pairs}: the checkpoint was trained on "
                              "another split; continue from it with --reset-teacher")
 
-    def values(self, ids: torch.Tensor, own: Optional[torch.Tensor] = None, meta: bool = False) -> torch.Tensor:
-        """``[B]``: the source contrast of pairs ``ids`` (of the training split, or the meta split): the pass's NLL
-        given another source minus ``own`` (live: the per-token NLL given the own source, from the forward that
-        trains on them) or, once, the pass's."""
+    def values(self, ids: torch.Tensor, meta: bool = False) -> torch.Tensor:
+        """``[B]``: the source contrast of pairs ``ids`` of the training split (or the meta split)."""
         table = self.meta if meta else self.train
         if ids.numel() and int(ids.max()) >= len(table):
-            raise ValueError(f"the checkpoint's source contrast (--source-contrast {self.mode}) covers {len(table)} "
+            raise ValueError(f"the checkpoint's source contrast (--source-contrast once) covers {len(table)} "
                              f"{'meta' if meta else 'training'} pairs, but this batch has pair {int(ids.max())}: the "
                              "checkpoint was trained on another split; continue from it with --reset-teacher")
         rows = table[ids.cpu()].to(ids.device)
-        return rows[:, 0] - (rows[:, 1] if own is None else own.detach().to(rows.dtype))
+        return rows[:, 0] - rows[:, 1]
 
     def state_dict(self) -> Optional[dict]:
         return None if self.train is None else {"train": self.train, "meta": self.meta}
@@ -127,7 +118,7 @@ def split_contrast(task, inner, criterion, dataset, rank: int = 0, world: int = 
 
 
 def refresh_reference(task, inner, criterion, teacher) -> None:
-    """Scoring with ``--source-contrast once|live``'s teacher: it learnt on contrasts of the student when reweighting
+    """Scoring with ``--source-contrast once``'s teacher: it learnt on contrasts of the student when reweighting
     started, the scorer computes them with the checkpoint's student (larger, as it learnt to read the source); the
     prior's clean reference is re-measured on the meta set with the same student, so it is on the same scale."""
     if teacher.reference is not None and task.cfg.teacher_prior == "source_contrast":

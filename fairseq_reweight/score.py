@@ -182,7 +182,7 @@ def score_split(args) -> Dict[str, np.ndarray]:
             if args.score == "teacher":
                 feats = task.teacher_features(out, num_updates, sample, contrast)
                 teacher = rw.ensure_teacher(feats.shape[1], device)
-                if getattr(task, "contrast", None) is not None and not refreshed:  # --source-contrast once|live
+                if getattr(task, "contrast", None) is not None and not refreshed:  # --source-contrast once
                     refreshed = True
                     try:
                         refresh_reference(task, model, crit, teacher)

@@ -60,9 +60,8 @@ class ReweightedTranslationConfig(TranslationConfig, ReweightConfig):
                 + recipe.TUNED_DEEP["teacher_prior_reference"] + "; paper: train)"})
     source_contrast: str = field(default="auto", metadata={
         "help": "deep, where the teacher reads source_contrast: compute it in every training batch with the current "
-                "student (batch), once for the whole corpus and the meta set when reweighting starts (once), or "
-                "the other-source NLL once and the own-source NLL from the training forward (live); auto: the "
-                "recipe's (tuned: " + recipe.TUNED_DEEP["source_contrast"] + ")"})
+                "student (batch), or once for the whole corpus and the meta set when reweighting starts (once); "
+                "auto: the recipe's (tuned: " + recipe.TUNED_DEEP["source_contrast"] + ")"})
     teacher_length_ratio: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     teacher_source_contrast: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     drop_below: Optional[float] = field(default=None, metadata={
@@ -151,10 +150,9 @@ class ReweightedTranslationTask(TranslationTask):
         self.drop: Optional[EpochDrop] = None  # --drop-below, built with the training split (get_batch_iterator)
         self._pending_drop, self._left_out, self._train_itr = None, None, None
         self._meta_seen = None  # the meta batch of this update's fresh meta direction (_reference)
-        # --source-contrast once|live: the corpus pass at the first reweighted update (contrast.py)
-        self.contrast = CorpusContrast(live=cfg.source_contrast == "live") \
-            if (cfg.source_contrast in ("once", "live") and "source_contrast" in self.inputs) else None
-        self._meta_own = None  # live: (ids, per-token NLL) of this update's meta forward, the reference's own NLL
+        # --source-contrast once: the corpus's source contrast, computed at the first reweighted update (contrast.py)
+        self.contrast = CorpusContrast() if (cfg.source_contrast == "once" and "source_contrast" in self.inputs) \
+            else None
         if cfg.drop_below is not None:  # a resumed epoch is re-batched once the task has its state (_rebatch_resumed_epoch)
             cfg.rebuild_batches = True
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -172,8 +170,8 @@ class ReweightedTranslationTask(TranslationTask):
                              "weight is 1: drop it, or choose l2rw/mwnet/deep")
         if cfg.drop_below is not None:
             check_threshold(cfg.drop_below)
-        if cfg.source_contrast not in ("batch", "once", "live"):
-            raise ValueError(f"--source-contrast must be batch, once or live, got {cfg.source_contrast!r}")
+        if cfg.source_contrast not in ("batch", "once"):
+            raise ValueError(f"--source-contrast must be batch or once, got {cfg.source_contrast!r}")
         if cfg.source_contrast != "batch" and len(utils.split_paths(str(cfg.data))) > 1:
             raise ValueError(f"--source-contrast {cfg.source_contrast} keeps a value per pair of one training split, "
                              f"but --data has {len(utils.split_paths(str(cfg.data)))} shards (each epoch another): use "
@@ -219,7 +217,7 @@ class ReweightedTranslationTask(TranslationTask):
         model.set_num_updates(update_num)
         inner, device, s = _unwrap(model), sample["target"].device, self.strategy
         self._model = inner
-        self._meta_seen = self._meta_own = None  # this update's meta forward sets them
+        self._meta_seen = None  # this update's meta forward sets it
         contrast = self._contrast(criterion, model, sample, update_num, real=not ignore_grad)
         s.begin_update(update_num, real=not ignore_grad, params=list(inner.parameters()),
                        meta_loss=lambda: self._meta_loss(inner, criterion, device), optimizer=self._adam(optimizer))
@@ -229,9 +227,6 @@ class ReweightedTranslationTask(TranslationTask):
         if not ignore_grad and not bool(torch.isfinite(out.loss.detach()).all()):
             return self._skip_nonfinite(sample, out, update_num, model, optimizer, criterion.sentence_avg)
 
-        if self.contrast is not None and contrast is not None and not ignore_grad:  # once/live: the pass's values
-            own = out.nll / out.mask.sum(1).clamp_min(1) if self.contrast.live else None
-            contrast = self.contrast.values(sample["id"], own=own)
         features = self._features(out, update_num, sample, contrast)
         denom = float(sample["target"].size(0) if criterion.sentence_avg else sample["ntokens"])
         lr = self.cfg.meta_lr if self.cfg.meta_lr is not None else optimizer.get_lr()
@@ -288,8 +283,6 @@ class ReweightedTranslationTask(TranslationTask):
         meta = self._next_meta_batch(inner, device)
         self._meta_seen = meta  # for _reference, after the strategy's probed forward
         out = criterion.per_sentence(inner, meta)
-        if self.contrast is not None and self.contrast.live:
-            self._meta_own = (meta["id"], (out.nll / out.mask.sum(1).clamp_min(1)).detach())
         return out.nll.sum() / out.mask.sum()
 
     def _reference(self, inner, criterion, meta) -> None:
@@ -298,17 +291,6 @@ class ReweightedTranslationTask(TranslationTask):
         training batches' (source contrast in eval mode)."""
         self._meta_seen = None
         if self.cfg.teacher_prior_reference != "meta" or not self.cfg.teacher_prior or self.reweighter.teacher is None:
-            return
-        if self.contrast is not None and self.contrast.live and self.cfg.teacher_prior == "source_contrast":
-            # the meta forward's own-source NLL against the pass's other-source NLL, as the training batches'
-            own, self._meta_own = self._meta_own, None
-            if own is None and meta is not None:  # fd/exact: no meta forward of _meta_loss, one of its own
-                with torch.no_grad(), torch.random.fork_rng(devices=[meta["target"].device]
-                                                            if meta["target"].device.type == "cuda" else []):
-                    out = criterion.per_sentence(inner, meta)
-                own = (meta["id"], out.nll / out.mask.sum(1).clamp_min(1))
-            if own is not None:
-                self.reweighter.add_reference(self.contrast.values(own[0], own=own[1], meta=True))
             return
         if self.contrast is not None and self.cfg.teacher_prior == "source_contrast":  # the corpus pass's, once
             if self.contrast.reference_pending:
@@ -375,11 +357,10 @@ class ReweightedTranslationTask(TranslationTask):
         return self.teacher_features(out, update_num, sample, contrast) if self._active(update_num) else None
 
     def _contrast(self, criterion, model, sample, update_num, real=True):
-        """The batch's source contrast, where the teacher reads it. --source-contrast once|live: the batch's ids,
-        whose values train_step takes from the corpus pass (run here at the first reweighted update, on every worker)
-        after the training forward (live: its own-source NLL). batch: the batch's own (eval-mode passes of the
-        student, run before its training forward so that their log-probs never sit beside the training graph).
-        Zeros for fairseq's padding batches."""
+        """The batch's source contrast, where the teacher reads it: from the corpus pass of --source-contrast once
+        (run at the first reweighted update, on every worker), or the batch's own (eval-mode passes of the student,
+        run before its training forward so that their log-probs never sit beside the training graph). Zeros for
+        fairseq's padding batches."""
         if "source_contrast" not in self.inputs or not self._active(update_num):
             return None
         if self.contrast is not None and not self.contrast.ready:
@@ -389,7 +370,7 @@ class ReweightedTranslationTask(TranslationTask):
             return torch.zeros(sample["target"].size(0), device=sample["target"].device)
         if self.contrast is not None:
             self.contrast.check_size(len(self.dataset(self.cfg.train_subset)))
-            return sample["id"]  # the values follow the training forward (train_step)
+            return self.contrast.values(sample["id"])
         with torch.autograd.profiler.record_function("source_contrast"):
             return criterion.source_contrast(model, sample)
 

@@ -62,8 +62,7 @@ def test_corpus_contrast_is_the_students_at_the_first_reweighted_update(tiny_dat
 
 @pytest.mark.parametrize("value,message", [
     ("once", "--source-contrast once: the teacher of this run does not read source_contrast"),
-    ("live", "--source-contrast live: the teacher of this run does not read source_contrast"),
-    ("sometimes", "--source-contrast must be batch, once or live, got 'sometimes'")])
+    ("sometimes", "--source-contrast must be batch or once, got 'sometimes'")])
 def test_a_source_contrast_without_effect_or_unknown_is_refused(tiny_data, tmp_path, value, message):
     p = run(train_cmd(tiny_data, tmp_path / "ck", "deep", max_update=2, extra=["--source-contrast", value]), check=False)
     assert p.returncode != 0 and message in p.stdout, p.stdout[-3000:]
@@ -71,75 +70,9 @@ def test_a_source_contrast_without_effect_or_unknown_is_refused(tiny_data, tmp_p
     assert value == "sometimes" or "add source_contrast to --teacher-inputs" in p.stdout  # the way on
 
 
-def test_live_contrast_takes_the_own_nll_from_the_training_forward(tiny_data, tmp_path, monkeypatch):
-    """--source-contrast live: the teacher reads, for each pair of a training batch, the corpus pass's NLL given
-    another source minus the per-token NLL given its own source from the very forward that trains on the batch
-    (in training mode, at the current parameters); the prior's clean reference follows the meta forwards the same
-    way (folded in at every update, not once). Run in-process through fairseq's CLI entry point, recording what the
-    criterion returned and what the teacher read."""
-    import sys
-
-    from fairseq_cli import train as fairseq_train
-
-    from fairseq_reweight.criterion import ReweightedLabelSmoothedCrossEntropyCriterion as Criterion
-    from fairseq_reweight.task import ReweightedTranslationTask as Task
-
-    forwards, reads, in_meta = [], [], []
-    per_sentence, teacher_features, meta_loss = Criterion.per_sentence, Task.teacher_features, Task._meta_loss
-
-    def record_forward(self, model, sample, layers=None):
-        out = per_sentence(self, model, sample, layers)
-        forwards.append((sample["id"].tolist(), (out.nll / out.mask.sum(1)).detach().clone(),
-                         model.training and not in_meta))
-        if in_meta:
-            in_meta[-1].append((sample["id"], (out.nll / out.mask.sum(1)).detach().clone()))
-        return out
-
-    def record_meta(self, inner, criterion, device):
-        in_meta.append([])
-        try:
-            return meta_loss(self, inner, criterion, device)
-        finally:
-            metas.append(in_meta.pop()[0])
-
-    def record_read(self, out, update_num, sample=None, contrast=None):
-        if contrast is not None:
-            reads.append((update_num, sample["id"].tolist(), contrast.detach().clone()))
-        return teacher_features(self, out, update_num, sample, contrast)
-
-    monkeypatch.setattr(Criterion, "per_sentence", record_forward)
-    monkeypatch.setattr(Task, "teacher_features", record_read)
-    monkeypatch.setattr(Task, "_meta_loss", record_meta)
-    metas = []
-    live = [a if a != "once" else "live" for a in ONCE]
-    cmd = [str(a) for a in train_cmd(tiny_data, tmp_path / "ck", "deep", max_update=7, extra=live)[1:]]
-    monkeypatch.setattr(sys, "argv", ["fairseq-train"] + cmd)
-    fairseq_train.cli_main()
-
-    saved = torch.load(tmp_path / "ck" / "checkpoint_last.pt", weights_only=True)["extra_state"][
-        "ReweightedTranslationTask"]
-    other = saved["source_contrast"]["train"][:, 0]
-    assert {u for u, _, _ in reads} == {4, 5, 6}  # every reweighted update, none of the plain ones
-    for update, ids, contrast in reads:
-        # the training forward of this batch: the last one on these ids before the teacher read them
-        own = [o for i, o, training in forwards if i == ids and training][-1]
-        expected = other[ids] - own
-        assert torch.allclose(contrast, expected, atol=1e-5), (update, contrast, expected)
-        # not the pass's own-source NLL: the student moved (and dropout is on) since the pass
-        assert not torch.allclose(contrast, other[ids] - saved["source_contrast"]["train"][ids, 1], atol=1e-3)
-    # the reference: the first meta forward's own-source NLLs against the pass's other-source NLLs of those pairs
-    teacher, meta_other = saved["reweighter"]["teacher"], saved["source_contrast"]["meta"][:, 0]
-    assert int(teacher["reference.count"]) == len(metas) >= 1
-    ids, own = metas[0]
-    first = meta_other[ids] - own
-    assert not torch.allclose(first, meta_other[ids] - saved["source_contrast"]["meta"][ids, 1], atol=1e-3)
-    if len(metas) == 1:
-        assert abs(float(teacher["reference.mean"]) - float(first.mean())) < 1e-5
-
-
 def test_pass_batches_give_every_pair_another_source(tiny_data, tmp_path):
     """A batch of one pair has no other source to read: the pass joins it to its neighbour, so no pair is left
-    with the 0 of an unscored row (which live would read as a contrast of -own NLL)."""
+    with the 0 of an unscored row."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -160,17 +93,8 @@ def test_pass_batches_give_every_pair_another_source(tiny_data, tmp_path):
     assert [sorted(int(i) for i in b) for b in batches] == [[0, 1, 2], [3, 4]]
 
 
-def test_live_with_the_lookahead_meta_gradient_measures_its_reference(tiny_data, tmp_path):
-    """--meta-grad fd has no meta forward of the fast path: live measures the meta batch's own-source NLL itself."""
-    live = [a if a != "once" else "live" for a in ONCE] + ["--meta-grad", "fd", "--meta-refresh", "1"]
-    run(train_cmd(tiny_data, tmp_path / "ck", "deep", max_update=7, extra=live))
-    teacher = torch.load(tmp_path / "ck" / "checkpoint_last.pt", weights_only=True)["extra_state"][
-        "ReweightedTranslationTask"]["reweighter"]["teacher"]
-    assert int(teacher["reference.count"]) >= 2 and torch.isfinite(teacher["reference.mean"]).all()
-
-
 def test_sharded_data_is_refused_with_the_corpus_pass(tiny_data, tmp_path):
     p = run(train_cmd(f"{tiny_data}:{tiny_data}", tmp_path / "ck", "deep", max_update=2,
-                      extra=["--reweight-recipe", "tuned", "--source-contrast", "live"]), check=False)
+                      extra=["--reweight-recipe", "tuned", "--source-contrast", "once"]), check=False)
     assert p.returncode != 0 and "--data has 2 shards" in p.stdout and "use --source-contrast batch" in p.stdout, \
         p.stdout[-3000:]
