@@ -102,7 +102,7 @@ done
 for m in $METHODS; do
     case "$m" in
         none|l2rw|mwnet|deep|perfect|filter-teacher|filter-source-contrast|filter-loss|filter-dual-xent) ;;
-        *) die "unknown method '$m' (none l2rw mwnet deep perfect filter-{teacher,source-contrast,loss,dual-xent})" ;;
+        *) [[ -n "$REPORT_ONLY" ]] || die "unknown method '$m' (none l2rw mwnet deep perfect filter-{teacher,source-contrast,loss,dual-xent}; named variants only with --report-only)" ;;
     esac
 done
 if [[ -z "$MAX_UPDATE" ]]; then
