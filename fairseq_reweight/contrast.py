@@ -54,14 +54,9 @@ class CorpusContrast:
                              f"training pairs, but this training split has {pairs}: the checkpoint was trained on "
                              "another split; continue from it with --reset-teacher")
 
-    def values(self, ids: torch.Tensor, meta: bool = False) -> torch.Tensor:
-        """``[B]``: the source contrast of pairs ``ids`` of the training split (or the meta split)."""
-        table = self.meta if meta else self.train
-        if ids.numel() and int(ids.max()) >= len(table):
-            raise ValueError(f"the checkpoint's source contrast (--source-contrast once) covers {len(table)} "
-                             f"{'meta' if meta else 'training'} pairs, but this batch has pair {int(ids.max())}: the "
-                             "checkpoint was trained on another split; continue from it with --reset-teacher")
-        rows = table[ids.cpu()].to(ids.device)
+    def values(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[B]``: the source contrast of the training split's pairs ``ids`` (:meth:`check_size` first)."""
+        rows = self.train[ids.cpu()].to(ids.device)
         return rows[:, 0] - rows[:, 1]
 
     def state_dict(self) -> Optional[dict]:
