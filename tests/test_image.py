@@ -529,21 +529,45 @@ def test_deep_teacher_separates_flipped_labels(tmp_path):
 
 
 def test_compare_writes_results_and_skips_finished_runs(fashion, tmp_path, capsys):
+    """The grid (noise x method x seed) side by side, the report and results.json, finished runs skipped, rows of
+    runs no longer on disk carried over, and per-run flags refused with the fix."""
     from fairseq_reweight.image import compare
 
-    args = ["--out", str(tmp_path / "runs"), "--results", str(tmp_path / "report" / "RESULTS.md"), "--methods",
-            "none,deep", "--threads", "1", *tiny_args(fashion, "unused", "none")[:18], "--no-progress",
-            "--deep-args", "--max-weight 1.5 --teacher-weight-decay 2"]
+    report = tmp_path / "report" / "RESULTS.md"
+    args = ["--out", str(tmp_path / "runs"), "--results", str(report), "--methods", "none,deep", "--seeds", "1,2",
+            "--noise", "uniform0.4,flip0.3", "--jobs", "2", "--threads", "1",
+            *tiny_args(fashion, "unused", "none")[:18], "--deep-args", "--max-weight 1.5 --teacher-weight-decay 2"]
     compare.main(args)  # none would refuse --max-weight: the deep-only flags must reach deep alone
-    config = json.loads((tmp_path / "runs" / "deep" / "log.json").read_text())["config"]
-    assert (config["max_weight"], config["teacher_weight_decay"]) == (1.5, 2.0)
-    text = (tmp_path / "report" / "RESULTS.md").read_text()
-    assert "| none |" in text and "| deep |" in text and "weight AUC of deep >= 0.9" in text
-    assert (tmp_path / "report" / "accuracy.png").stat().st_size > 0
-    assert (tmp_path / "report" / "weights.png").stat().st_size > 0
+    log = json.loads((tmp_path / "runs" / "flip0.3" / "deep" / "seed2" / "log.json").read_text())
+    cfg = log["config"]
+    assert (cfg["max_weight"], cfg["teacher_weight_decay"], cfg["noise"], cfg["noise_rate"], cfg["seed"]) == \
+        (1.5, 2.0, "flip", 0.3, 2)
+    rows = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert sorted((r["noise"], r["method"], r["seed"]) for r in rows) == sorted(
+        (n, m, s) for n in ("uniform0.4", "flip0.3") for m in ("none", "deep") for s in (1, 2))
+    by = {(r["noise"], r["method"], r["seed"]): r for r in rows}
+    assert by[("flip0.3", "deep", 2)]["acc"] == log["summary"]["last_test_acc"]
+    assert by[("flip0.3", "deep", 2)]["auc"] == log["summary"]["last_weight_auc"]
+    assert by[("uniform0.4", "none", 1)]["auc"] is None
+    text = report.read_text()
+    assert "## uniform noise, p = 0.4" in text and "## flip noise, p = 0.3" in text and "weight AUC of deep >= 0.93" in text
+    mean = (by[("flip0.3", "deep", 1)]["acc"] + by[("flip0.3", "deep", 2)]["acc"]) / 2
+    assert f"**{mean:.2f}**" in text
+    for name in ("accuracy_uniform0.4.png", "weights_flip0.3.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
     capsys.readouterr()
     compare.main(args)
-    assert capsys.readouterr().out.count("finished run") == 2
+    assert capsys.readouterr().out.count("finished run") == 8
+    # a fresh machine: the runs are gone, results.json keeps their rows and the report marks them
+    import shutil
+    shutil.rmtree(tmp_path / "runs" / "flip0.3")
+    compare.main(args[:args.index("--jobs")] + ["--report-only"])
+    assert len(json.loads((tmp_path / "report" / "results.json").read_text())) == 8
+    assert "carried over" in report.read_text() and f"**{mean:.2f}**" in report.read_text()
+    for bad, fix in (("--noise-rate", "--noise TYPE"), ("--noise=gauss0.4", "TYPE one of uniform, flip")):
+        with pytest.raises(SystemExit):
+            compare.main(["--out", str(tmp_path / "x"), bad] + (["0.2"] if "=" not in bad else []))
+        assert fix in capsys.readouterr().err
 
 
 def test_torchrun_two_workers_keep_one_teacher(fashion, tmp_path):
@@ -582,3 +606,27 @@ def test_torchrun_two_workers_keep_one_teacher(fashion, tmp_path):
     for name in ("w.tsv", "w.tsv.rank1"):  # each worker dropped its own stray row (not the other's file)
         rows = np.loadtxt(tmp_path / name, skiprows=1)
         assert len(rows) == 200 and np.array_equal(np.bincount(rows[:, 0].astype(int)), [20] * 10), name
+
+
+def test_train_image_paper_script_runs_the_mwnet_protocol_with_the_defaults(tmp_path):
+    """`scripts/train_image.sh paper DATASET NOISE RATE ARCH METHOD` on synthetic CIFAR-10 files: the MW-Net
+    protocol's settings, the tuned deep defaults, the run folder named after the grid point (shortened budget)."""
+    import subprocess
+    import sys
+
+    root = write_cifar(tmp_path / "cifar-10-batches-py", per_class=30)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_image.sh"
+    env = dict(os.environ, PYTHON=sys.executable, RUNS=str(tmp_path / "runs"), OMP_NUM_THREADS="1")
+    p = subprocess.run(["bash", str(script), "paper", "cifar10", "flip", "0.4", "resnet8", "deep", "--data-dir",
+                        str(root), "--meta-size", "100", "--epochs", "1", "--batch-size", "50", "--no-progress",
+                        "--threads", "1"], capture_output=True, text=True, env=env,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    log = json.loads((tmp_path / "runs" / "paper-cifar10-flip0.4-resnet8-deep" / "log.json").read_text())
+    cfg = log["config"]
+    assert (cfg["dataset"], cfg["noise"], cfg["noise_rate"], cfg["arch"], cfg["reweight_method"]) == \
+        ("cifar10", "flip", 0.4, "resnet8", "deep")
+    assert (cfg["lr"], cfg["momentum"], cfg["weight_decay"], cfg["crop_pad"], cfg["lr_steps"]) == \
+        (0.1, 0.9, 5e-4, 4, [80, 100])
+    assert (cfg["max_weight"], cfg["teacher_weight_decay"]) == (2.0, 3.0)  # the tuned recipe
+    assert log["summary"]["finished"] and log["summary"]["meta_images"] == 100

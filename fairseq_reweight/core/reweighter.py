@@ -94,7 +94,9 @@ class Reweighter:
         self.meta_steps = 0
         self.meta_skipped = 0
         self._pending: Optional[dict] = None
-        self._accumulated = 0  # meta-gradients back-propagated into the teacher since its last step
+        self._accumulated = 0
+        # dL_meta/dw of the last finite meta-gradient (diagnostics: the image trainer scores it against the flags)
+        self.last_grad_w: Optional[torch.Tensor] = None  # meta-gradients back-propagated into the teacher since its last step
 
     @property
     def has_teacher(self) -> bool:
@@ -334,6 +336,7 @@ class Reweighter:
         if ok:
             self.meta_steps += int(step)
             info["meta_loss"] = float(mg.meta_loss)
+            self.last_grad_w = mg.grad_w.detach()
         else:
             self.meta_skipped += 1
             info["meta_skipped"] = 1.0

@@ -1,17 +1,20 @@
-"""The evidence run: none / mwnet / l2rw / deep under the same seed and budget, then RESULTS.md.
+"""The evidence run: none / mwnet / l2rw / deep under the same seeds, noise and budget, then RESULTS.md.
 
     python -m fairseq_reweight.image.compare                 # cpu preset, examples/image/RESULTS.md
     python -m fairseq_reweight.image.compare --device cuda   # same runs on a GPU
     python -m fairseq_reweight.image.compare --deep-args "--reweight-recipe paper"   # deep as published
 
-Each method trains with ``python -m fairseq_reweight.image --preset cpu`` (Fashion-MNIST, 40%
-uniform noise, ResNet-32) in ``OUT/METHOD``; a finished run is skipped and an interrupted one
-resumed, so the command can simply be run again. After every run the report is rewritten:
-test accuracy (best and last epoch), the AUC of the weights for clean vs noisy labels (last epoch;
-0.5 for uniform weights), seconds per iteration and the ratio to ``none``, and two plots
-(accuracy/AUC curves; weight histograms of clean vs noisy examples in the last epoch).
-Targets (Fan et al. 2021 vs MW-Net, Shu et al. 2019, and L2RW, Ren et al. 2018): last-epoch
-accuracy of ``deep`` >= ``none`` + 3 points and >= ``mwnet``; weight AUC of ``deep`` >= 0.9.
+Every method trains with ``python -m fairseq_reweight.image --preset cpu`` (Fashion-MNIST, ResNet-32) for every
+noise of ``--noise`` (default 40 % uniform and 40 % flip) and every seed of ``--seeds`` (default 1, 2), in
+``OUT/NOISE/METHOD/seedS``; a finished run is skipped and an interrupted one resumed, so the command can simply
+be run again. After every run the report is rewritten: per noise, the last-epoch test accuracy of every seed and
+its mean, the best epoch, the AUC of the weights for clean vs noisy labels (last epoch; 0.5 for uniform weights),
+seconds per iteration and the ratio to ``none``, the targets, and two plots (accuracy/AUC curves averaged over the
+seeds; weight histograms of clean vs noisy examples in seed 1's last epoch). ``results.json`` beside the report
+lists every run as ``{"method", "noise", "seed", "acc", "auc", ...}``; its rows for runs that are not on disk (a
+fresh machine) are kept and shown as carried over.
+Targets (Fan et al. 2021 vs MW-Net, Shu et al. 2019, and L2RW, Ren et al. 2018), means over the seeds: last-epoch
+accuracy of ``deep`` >= ``none`` + 3 points and >= ``mwnet``; weight AUC of ``deep`` >= 0.93.
 """
 
 import argparse
@@ -19,101 +22,188 @@ import datetime
 import json
 import logging
 import os
+import re
 import shlex
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from ..core import METHODS
+from .noise import NOISE_TYPES, check_rate
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_METHODS = ("none", "mwnet", "l2rw", "deep")
+DEFAULT_NOISE = "uniform0.4,flip0.4"
+AUC_TARGET = 0.93
 
 
-def run_method(method: str, out: Path, args, extra: List[str]) -> None:
-    run_dir = out / method
-    log = run_dir / "log.json"
+class Noise(NamedTuple):
+    kind: str
+    rate: float
+
+    @property
+    def name(self) -> str:  # uniform0.4
+        return f"{self.kind}{self.rate:g}"
+
+
+def parse_noise(spec: str) -> List[Noise]:
+    """``uniform0.4,flip0.4`` -> [Noise('uniform', 0.4), Noise('flip', 0.4)]."""
+    out = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        m = re.fullmatch(r"([a-z]+)(\d*\.?\d+)", part)
+        if not m or m.group(1) not in NOISE_TYPES:
+            raise ValueError(f"--noise {part!r}: use TYPE RATE without a space, TYPE one of {', '.join(NOISE_TYPES)}, "
+                             f"e.g. --noise {DEFAULT_NOISE}")
+        check_rate(float(m.group(2)))
+        out.append(Noise(m.group(1), float(m.group(2))))
+    if not out:
+        raise ValueError(f"--noise is empty: e.g. --noise {DEFAULT_NOISE}")
+    return out
+
+
+def parse_seeds(spec: str) -> List[int]:
+    try:
+        seeds = [int(s) for s in spec.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"--seeds {spec!r}: use comma-separated integers, e.g. --seeds 1,2") from None
+    if not seeds:
+        raise ValueError("--seeds is empty: e.g. --seeds 1,2")
+    return seeds
+
+
+def run_dir(out: Path, noise: Noise, method: str, seed: int) -> Path:
+    return out / noise.name / method / f"seed{seed}"
+
+
+def run_method(method: str, noise: Noise, seed: int, out: Path, args, extra: List[str], quiet: bool) -> None:
+    rd = run_dir(out, noise, method, seed)
+    log = rd / "log.json"
+    tag = f"{noise.name}/{method}/seed{seed}"
     if log.is_file() and json.loads(log.read_text())["summary"]["finished"]:
-        print(f"[compare] {method}: finished run in {run_dir}, skipped", flush=True)
+        print(f"[compare] {tag}: finished run in {rd}, skipped", flush=True)
         return
-    cmd = [sys.executable, "-m", "fairseq_reweight.image", "--preset", args.preset, "--reweight-method", method,
-           "--save-dir", str(run_dir), "--dump-weights", str(run_dir / "weights.tsv"), "--seed", str(args.seed),
-           "--device", args.device, "--threads", str(args.threads)]
-    if (run_dir / "checkpoint_last.pt").is_file():
+    cmd = [sys.executable, "-m", "fairseq_reweight.image", "--preset", args.preset, "--noise", noise.kind,
+           "--noise-rate", f"{noise.rate:g}", "--reweight-method", method, "--save-dir", str(rd),
+           "--dump-weights", str(rd / "weights.tsv"), "--seed", str(seed), "--device", args.device,
+           "--threads", str(args.threads)]
+    if (rd / "checkpoint_last.pt").is_file():
         cmd.append("--resume")
     cmd += extra
-    print(f"[compare] {method}: {' '.join(cmd[1:])}", flush=True)
+    print(f"[compare] {tag}: {' '.join(cmd[1:])}", flush=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    subprocess.run(cmd, check=True, env=env)
+    if not quiet:
+        subprocess.run(cmd, check=True, env=env)
+        return
+    rd.mkdir(parents=True, exist_ok=True)
+    with open(rd / "train.out", "a") as f:  # runs side by side: each its own log, one line here when it ends
+        proc = subprocess.run(cmd + ["--no-progress"], stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{tag} failed (exit {proc.returncode}); its output: {rd / 'train.out'}")
+    print(f"[compare] {tag}: done", flush=True)
 
 
-def last_epoch_weights(run_dir: Path, log: dict):
+def last_epoch_weights(rd: Path, log: dict):
     """(weights, noisy flags) of the examples seen in the last epoch, from the weight dump."""
-    dump = run_dir / "weights.tsv"
+    dump = rd / "weights.tsv"
     if not dump.is_file() or not log["epochs"]:
         return None
     epochs = log["epochs"]
     first = epochs[-2]["updates"] if len(epochs) > 1 else 0
     rows = np.loadtxt(dump, delimiter="\t", skiprows=1, ndmin=2)
     rows = rows[rows[:, 0] >= first]
-    labels = np.loadtxt(run_dir / "labels.tsv", delimiter="\t", skiprows=1, usecols=(0, 3), dtype=np.int64, ndmin=2)
+    labels = np.loadtxt(rd / "labels.tsv", delimiter="\t", skiprows=1, usecols=(0, 3), dtype=np.int64, ndmin=2)
     noisy = dict(zip(labels[:, 0].tolist(), labels[:, 1].tolist()))
     flags = np.array([noisy[int(i)] for i in rows[:, 1]], dtype=bool)
     return rows[:, 2], flags
 
 
-def collect(out: Path, methods) -> Dict[str, dict]:
+Key = Tuple[str, str, int]  # (noise, method, seed)
+
+
+def collect(out: Path, noises: List[Noise], methods, seeds) -> Dict[Key, dict]:
     logs = {}
-    for m in methods:
-        path = out / m / "log.json"
-        if path.is_file():
-            logs[m] = json.loads(path.read_text())
+    for n in noises:
+        for m in methods:
+            for s in seeds:
+                path = run_dir(out, n, m, s) / "log.json"
+                if path.is_file():
+                    logs[(n.name, m, s)] = json.loads(path.read_text())
     return logs
 
 
-def plot(logs: Dict[str, dict], out: Path, img_dir: Path) -> List[str]:
+def result_rows(logs: Dict[Key, dict], old: List[dict]) -> List[dict]:
+    """One row per finished run on disk, plus the rows of an earlier ``results.json`` not on disk (``carried``)."""
+    rows = []
+    for (noise, method, seed), log in logs.items():
+        s = log["summary"]
+        if not s["finished"]:
+            continue
+        rows.append({"method": method, "noise": noise, "seed": seed, "acc": s["last_test_acc"],
+                     "auc": None if method == "none" else s["last_weight_auc"], "best_acc": s["best_test_acc"],
+                     "best_epoch": s["best_epoch"], "sec_per_iter": s["sec_per_iter"],
+                     "meta_grad": log["config"].get("meta_grad") if method != "none" else None})
+    have = {(r["noise"], r["method"], r["seed"]) for r in rows}
+    rows += [dict(r, carried=True) for r in old if (r["noise"], r["method"], r["seed"]) not in have]
+    return sorted(rows, key=lambda r: (r["noise"], r["method"], r["seed"]))
+
+
+def plot(logs: Dict[Key, dict], out: Path, noise: Noise, methods, img_dir: Path) -> List[str]:
     import matplotlib
 
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = []
+    mine = {k: v for k, v in logs.items() if k[0] == noise.name and v["epochs"]}
+    if not mine:
+        return []
+    names = [f"accuracy_{noise.name}.png", f"weights_{noise.name}.png"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for m, log in logs.items():
-        ep = [r["epoch"] for r in log["epochs"]]
-        ax1.plot(ep, [r["test_acc"] for r in log["epochs"]], marker="o", ms=3, label=m)
-        ax2.plot(ep, [r["weight_auc"] if r["weight_auc"] is not None else np.nan for r in log["epochs"]],
-                 marker="o", ms=3, label=m)
-    ax1.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+    for m in methods:
+        runs = [v["epochs"] for k, v in mine.items() if k[1] == m]
+        if not runs:
+            continue
+        n = min(len(r) for r in runs)  # the epochs every seed has reached
+        ep = np.arange(1, n + 1)
+        acc = np.mean([[r[i]["test_acc"] for i in range(n)] for r in runs], 0)
+        auc = np.mean([[np.nan if r[i]["weight_auc"] is None else r[i]["weight_auc"] for i in range(n)]
+                       for r in runs], 0)
+        label = f"{m} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+        ax1.plot(ep, acc, marker="o", ms=3, label=label)
+        ax2.plot(ep, auc, marker="o", ms=3, label=label)
+    ax1.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"test accuracy, {noise.name} (mean over seeds)")
     ax2.set(xlabel="epoch", ylabel="AUC", title="weight AUC, clean vs noisy labels", ylim=(0, 1.02))
-    ax1.legend(), ax2.legend()
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
-    fig.savefig(img_dir / "accuracy.png", dpi=100)
+    fig.savefig(img_dir / names[0], dpi=100)
     plt.close(fig)
-    names.append("accuracy.png")
 
-    fig, axes = plt.subplots(1, len(logs), figsize=(3.6 * len(logs), 3.2), squeeze=False)
-    for ax, (m, log) in zip(axes[0], logs.items()):
-        wf = last_epoch_weights(out / m, log)
+    shown = [(m, k, v) for m in methods for k, v in sorted(mine.items()) if k[1] == m]
+    first = {}
+    for m, k, v in shown:
+        first.setdefault(m, (k, v))
+    fig, axes = plt.subplots(1, max(len(first), 1), figsize=(3.6 * max(len(first), 1), 3.2), squeeze=False)
+    for ax, (m, (k, log)) in zip(axes[0], first.items()):
+        wf = last_epoch_weights(run_dir(out, noise, m, k[2]), log)
         if wf is None:
             continue
         w, noisy = wf
         bins = np.linspace(0, max(float(w.max()), 1.0) * 1.02 + 1e-6, 40)
         ax.hist(w[~noisy], bins=bins, alpha=0.6, density=True, label="clean")
         ax.hist(w[noisy], bins=bins, alpha=0.6, density=True, label="noisy")
-        ax.set(title=m, xlabel="weight (last epoch)")
+        ax.set(title=f"{m}, seed {k[2]}", xlabel="weight (last epoch)")
         ax.legend()
     axes[0][0].set_ylabel("density")
     fig.tight_layout()
-    fig.savefig(img_dir / "weights.png", dpi=100)
+    fig.savefig(img_dir / names[1], dpi=100)
     plt.close(fig)
-    names.append("weights.png")
     return names
 
 
@@ -121,66 +211,101 @@ def _f(v, fmt="{:.2f}") -> str:
     return "n/a" if v is None else fmt.format(v)
 
 
-def write_report(logs: Dict[str, dict], methods, out: Path, results: Path, command: str) -> None:
+def _mean(values) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def noise_section(noise: Noise, rows: List[dict], logs: Dict[Key, dict], methods, seeds, out: Path,
+                  img_dir: Path) -> List[str]:
+    mine = [r for r in rows if r["noise"] == noise.name]
+    wrong = [v["summary"]["wrong_label_fraction"] for k, v in logs.items() if k[0] == noise.name]
+    lines = [f"## {noise.kind} noise, p = {noise.rate:g}"
+             + (f" ({100 * wrong[0]:.1f}% of the training labels wrong)" if wrong else ""), ""]
+    lines += ["| method | last-epoch test acc, per seed | mean | best acc, mean (epochs) | weight AUC, per seed | "
+              "mean AUC | s/iter | x none |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    by = {m: [r for r in mine if r["method"] == m] for m in methods}
+    none_spi = _mean(r["sec_per_iter"] for r in by.get("none", []))
+    means = {}
+    for m in methods:
+        rs = by[m]
+        running = [k[2] for k, v in logs.items() if k[:2] == (noise.name, m) and not v["summary"]["finished"]]
+        if not rs:
+            lines.append(f"| {m} | " + (f"running (seeds {', '.join(map(str, running))})" if running
+                                        else "not run yet") + " | | | | | | |")
+            continue
+        acc, auc, spi = _mean(r["acc"] for r in rs), _mean(r["auc"] for r in rs), _mean(r["sec_per_iter"] for r in rs)
+        means[m] = (acc, auc)
+        mark = lambda r: "†" if r.get("carried") else ""  # noqa: E731
+        per_seed = ", ".join(f"{_f(r['acc'])}{mark(r)}" for r in rs)
+        per_auc = ", ".join(_f(r["auc"], "{:.3f}") for r in rs) if m != "none" else ""
+        best = f"{_f(_mean(r['best_acc'] for r in rs))} ({', '.join(str(r['best_epoch']) for r in rs)})"
+        ratio = spi / none_spi if spi and none_spi else None
+        note = f" (seeds {', '.join(str(r['seed']) for r in rs)}" + (f"; running {running}" if running else "") + ")"
+        lines.append(f"| {m}{note} | {per_seed} | **{_f(acc)}** | {best} | {per_auc} | "
+                     f"{_f(auc, '{:.3f}') if m != 'none' else ''} | {_f(spi, '{:.3f}')} | {_f(ratio)} |")
+    lines += ["", "Targets (means over the seeds):"]
+    checks = []
+    if "deep" in means and "none" in means:
+        d, n = means["deep"][0], means["none"][0]
+        checks.append((f"last-epoch accuracy of deep >= none + 3 ({_f(d)} vs {_f(n + 3)})", d >= n + 3))
+    if "deep" in means and "mwnet" in means:
+        d, w = means["deep"][0], means["mwnet"][0]
+        checks.append((f"last-epoch accuracy of deep >= mwnet ({_f(d)} vs {_f(w)})", d >= w))
+    if "deep" in means:
+        a = means["deep"][1]
+        checks.append((f"weight AUC of deep >= {AUC_TARGET} ({_f(a, '{:.3f}')})", a is not None and a >= AUC_TARGET))
+    lines += [f"- [{'x' if ok else ' '}] {text}" for text, ok in checks] or ["- (no finished runs yet)"]
+    lines += [""] + [f"![{name}]({name})" for name in plot(logs, out, noise, methods, img_dir)] + [""]
+    return lines
+
+
+def write_report(logs: Dict[Key, dict], noises: List[Noise], methods, seeds, out: Path, results: Path,
+                 command: str) -> None:
     results.parent.mkdir(parents=True, exist_ok=True)
-    images = plot(logs, out, results.parent) if logs else []
-    none_spi = logs.get("none", {}).get("summary", {}).get("sec_per_iter")
+    json_path = results.with_name("results.json")
+    old = json.loads(json_path.read_text()) if json_path.is_file() else []
+    rows = result_rows(logs, old)
     lines = ["# Image experiments: none / MW-Net / L2RW / deep on noisy labels", "",
-             f"Generated by `{command}` on {datetime.date.today().isoformat()}; runs in `{out}`.", ""]
+             f"Generated by `{command}` on {datetime.date.today().isoformat()}; runs in `{out}`; every row also in "
+             f"[`{json_path.name}`]({json_path.name}).", ""]
     if logs:
         cfg, s = next(iter(logs.values()))["config"], next(iter(logs.values()))["summary"]
-        wrong = 100 * s["wrong_label_fraction"]
         steps = ", ".join(map(str, cfg["lr_steps"]))
         lines += [
-            f"Setup: {cfg['dataset']}, {cfg['noise']} noise p = {cfg['noise_rate']} ({wrong:.1f}% of the training "
-            f"labels wrong), {s['train_images']} training images, {s['meta_images']} clean meta images, "
+            f"Setup: {cfg['dataset']}, {s['train_images']} training images, {s['meta_images']} clean meta images, "
             f"{s['test_images']} test images; {cfg['arch']}, {cfg['epochs']} epochs of batch {cfg['batch_size']}, "
             f"SGD lr {cfg['lr']} (x{cfg['lr_decay']} at epochs {steps}), momentum {cfg['momentum']}, weight decay "
-            f"{cfg['weight_decay']}, crop padding {cfg['crop_pad']}; seed {cfg['seed']}, data seed {cfg['data_seed']}; "
-            f"device {s['device']}, {s['threads']} threads, torch {s['torch']}.", ""]
-    lines += ["| method | test acc, best (epoch) | test acc, last | weight AUC (last epoch) | s/iter | x none |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    for m in methods:
-        if m not in logs:
-            lines.append(f"| {m} | not run yet | | | | |")
-            continue
-        s = logs[m]["summary"]
-        spi = s["sec_per_iter"]
-        ratio = spi / none_spi if spi and none_spi else None
-        state = "" if s["finished"] else f" (epoch {s['epochs_done']}/{logs[m]['config']['epochs']}, unfinished)"
-        lines.append(f"| {m}{state} | {_f(s['best_test_acc'])} ({s['best_epoch']}) | {_f(s['last_test_acc'])} | "
-                     f"{_f(s['last_weight_auc'], '{:.3f}')} | {_f(spi, '{:.3f}')} | {_f(ratio)} |")
-    lines += ["", "Targets:"]
-    last = {m: logs[m]["summary"]["last_test_acc"] for m in logs}
-    checks = []
-    if "deep" in last and "none" in last:
-        checks.append((f"last-epoch accuracy of deep >= none + 3 ({_f(last['deep'])} vs {_f(last['none'] + 3)})",
-                       last["deep"] >= last["none"] + 3))
-    if "deep" in last and "mwnet" in last:
-        checks.append((f"last-epoch accuracy of deep >= mwnet ({_f(last['deep'])} vs {_f(last['mwnet'])})",
-                       last["deep"] >= last["mwnet"]))
-    if "deep" in logs:
-        a = logs["deep"]["summary"]["last_weight_auc"]
-        checks.append((f"weight AUC of deep >= 0.9 ({_f(a, '{:.3f}')})", a is not None and a >= 0.9))
-    lines += [f"- [{'x' if ok else ' '}] {text}" for text, ok in checks] or ["- (no runs yet)"]
-    lines += ["", "Weight AUC: probability that a random clean-label example gets a larger weight than a random "
-              "noisy-label one in the last epoch (ties count 1/2, so uniform weights score 0.5).", ""]
-    lines += [f"![{name}]({name})" for name in images]
+            f"{cfg['weight_decay']}, crop padding {cfg['crop_pad']}; seeds {', '.join(map(str, seeds))}, data seed "
+            f"{cfg['data_seed']}; device {s['device']}, {s['threads']} threads, torch {s['torch']}.", ""]
+    for noise in noises:
+        lines += noise_section(noise, rows, logs, methods, seeds, out, results.parent)
+    lines += ["Weight AUC: probability that a random clean-label example gets a larger weight than a random "
+              "noisy-label one in the last epoch (ties count 1/2, so uniform weights score 0.5). s/iter: runs side "
+              "by side (`--jobs`) share the cores, so compare ratios within one report."]
+    if any(r.get("carried") for r in rows):
+        lines += ["", f"† carried over from `{json_path.name}` (the run is not on this machine)."]
     results.write_text("\n".join(lines) + "\n")
-    print(f"[compare] wrote {results}", flush=True)
+    tmp = json_path.with_name(f".{json_path.name}.tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    os.replace(tmp, json_path)
+    print(f"[compare] wrote {results} and {json_path.name}", flush=True)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m fairseq_reweight.image.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/image/compare", help="one run directory per method")
+    p.add_argument("--out", default="runs/image/compare", help="run directories, OUT/NOISE/METHOD/seedS")
     p.add_argument("--results", default=str(ROOT / "examples/image/RESULTS.md"),
-                   help="report to write; the PNG plots go next to it")
+                   help="report to write; results.json and the PNG plots go next to it")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated, run in this order")
+    p.add_argument("--noise", default=DEFAULT_NOISE, help="comma-separated TYPE+RATE, e.g. uniform0.4,flip0.4")
+    p.add_argument("--seeds", default="1,2", help="comma-separated training seeds")
     p.add_argument("--preset", default="cpu")
-    p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per run (0: torch's default)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (2 single-thread runs use a 2-core machine)")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the report from the runs on disk")
     p.add_argument("--deep-args", default="",
                    help="extra flags for the deep run only, e.g. \"--reweight-recipe paper\" (uncapped, undecayed, as "
                    "published); other unknown flags go to every method")
@@ -189,11 +314,41 @@ def main(argv: Optional[List[str]] = None) -> None:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         p.error(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
+    clash = [a for a in extra + shlex.split(args.deep_args) if a.split("=")[0] in ("--noise-rate", "--seed")]
+    if clash:
+        p.error(f"{clash[0]} is set per run: use --noise TYPE+RATE (e.g. {DEFAULT_NOISE}) and --seeds")
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
+    try:
+        noises, seeds = parse_noise(args.noise), parse_seeds(args.seeds)
+    except ValueError as e:
+        p.error(str(e))
     out, results = Path(args.out), Path(args.results)
     command = " ".join(["python -m fairseq_reweight.image.compare"] + (argv if argv is not None else sys.argv[1:]))
-    for m in methods:
-        run_method(m, out, args, extra + (shlex.split(args.deep_args) if m == "deep" else []))
-        write_report(collect(out, methods), methods, out, results, command)
+    lock = threading.Lock()
+
+    def report():
+        with lock:
+            write_report(collect(out, noises, methods, seeds), noises, methods, seeds, out, results, command)
+
+    if args.report_only:
+        report()
+        return
+    todo = [(n, s, m) for n in noises for m in methods for s in seeds]
+
+    def one(job):
+        n, s, m = job
+        run_method(m, n, s, out, args, extra + (shlex.split(args.deep_args) if m == "deep" else []),
+                   quiet=args.jobs > 1)
+        report()
+
+    if args.jobs == 1:
+        for job in todo:
+            one(job)
+        return
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for f in [pool.submit(one, job) for job in todo]:
+            f.result()
 
 
 if __name__ == "__main__":

@@ -266,7 +266,7 @@ class Trainer:
         total = cfg.teacher_progress_horizon or cfg.epochs * self.iters_per_epoch
         perm = torch.randperm(len(self.train_ids), generator=self.gen_train)
         sums: Dict[str, float] = {}
-        weights, flags = [], []
+        weights, flags, signal = [], [], []
         correct = correct_true = fit_noisy = 0
         bar = tqdm(range(self.iters_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
                    leave=False, dynamic_ncols=True)
@@ -277,6 +277,7 @@ class Trainer:
             idx = perm[start_i:start_i + cfg.batch_size]
             dev_idx = idx.to(dev)
             y = self.train_y[dev_idx]
+            self.reweighter.last_grad_w = None
             w, out, info = self.train_step(self.augment(self.train_x[dev_idx], self.gen_train), y, lr,
                                            min(self.updates / total, 1.0))
             if self.dumper is not None:
@@ -290,6 +291,9 @@ class Trainer:
             fit_noisy += int(((pred == y) & noisy).sum())
             weights.append(w.detach().float().cpu())
             flags.append(noisy.cpu())
+            g = self.reweighter.last_grad_w
+            if g is not None and bool(noisy.any()) and not bool(noisy.all()):  # the meta-gradient's own ranking
+                signal.append(auc((-g).float().cpu().tolist(), (~noisy).long().cpu().tolist()))
             for k, v in {"loss": float(out.losses.detach().mean()), **weight_stats(w), **info}.items():
                 sums[k] = sums.get(k, 0.0) + v
             if cfg.progress and (it % 10 == 0 or it == self.iters_per_epoch - 1):
@@ -299,8 +303,11 @@ class Trainer:
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
         self.train_iters += self.iters_per_epoch
-        return self._epoch_record(lr, seconds, sums, torch.cat(weights), torch.cat(flags), correct, correct_true,
-                                  fit_noisy)
+        record = self._epoch_record(lr, seconds, sums, torch.cat(weights), torch.cat(flags), correct, correct_true,
+                                    fit_noisy)
+        if signal:  # how well -dL_meta/dw_i ranked clean above noisy labels within a batch (epoch mean)
+            record["signal_auc"] = float(np.mean(signal))
+        return record
 
     def train_step(self, x, y, lr: float, progress: float):
         """One update on an (augmented) batch: ``(weights, student output, diagnostics)``. The hooks of
