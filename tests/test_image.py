@@ -338,6 +338,75 @@ def test_fast_meta_gradient_on_the_classifier_matches_exact():
     print(f"image: cosine(fast on fc, exact on all parameters) = {F.cosine_similarity(fast, exact_all, dim=0):.3f}")
 
 
+@pytest.mark.parametrize("part", ["block", "stage", "all"])
+def test_tail_replay_matches_per_example_autograd(part):
+    """--meta-params block/stage/all (core/replay.py): <v, grad l_i> for every example from two replays of the
+    tail, against per-example autograd through the batch's own forward (BatchNorm's coupling of the batch
+    included); the replays leave the BatchNorm statistics alone."""
+    torch.manual_seed(0)
+    model = build_model("resnet14", 10, in_channels=1).double().train()  # 2 blocks per stage: block != stage
+    x, y = torch.randn(12, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (12,))
+    tail = student.probe_layers(model, part, labels=lambda: y, fd_eps=1e-6)
+    mine = {id(p) for p in tail.parameters().values()}
+    prefix = {"block": ("stages.2.1.", "fc."), "stage": ("stages.2.", "fc."), "all": ("",)}[part]
+    assert mine == {id(p) for n, p in model.named_parameters() if n.startswith(prefix)}
+    v = {n: torch.randn_like(p) for n, p in tail.parameters().items()}
+    with tail.watch():
+        losses = student.forward(model, x, y, states=False).losses
+    params = tail.parameters()
+    exact = torch.stack([sum((g * v[n]).sum() for n, g in zip(params, torch.autograd.grad(
+        losses[i], list(params.values()), retain_graph=True))) for i in range(12)])
+    after_forward = {n: b.clone() for n, b in model.named_buffers()}
+    dots = tail.example_dots(v, 12)
+    assert torch.allclose(dots, exact, rtol=1e-5, atol=1e-6 * float(exact.abs().max())), (dots, exact)
+    for n, b in model.named_buffers():
+        assert torch.equal(b, after_forward[n]), n
+    # the same inner products from probes of the block's convolutions (the student's backward at their outputs,
+    # divided by uneven weights) are off: BatchNorm mixes the other examples' losses into those gradients
+    if part == "block":
+        convs = [(n, m, 0) for n, m in model.stages[2][1].named_modules() if isinstance(m, torch.nn.Conv2d)]
+        probe = LayerProbe(convs + [("fc", model.fc, 0)])
+        w = torch.linspace(0.05, 2.0, 12, dtype=torch.float64)
+        with probe.watch(capture_grads=True):
+            out = student.forward(model, x, y, states=False)
+        ((w * out.losses).sum()).backward()
+        model.zero_grad()
+        vp = {k: v[k if k.startswith("fc.") else "blocks.0." + k] for k in probe.parameters()}
+        probed = first_order(probe, vp, torch.tensor(0.0), -1.0, 1.0, 12, weights=w).grad_w
+        assert not torch.allclose(probed, exact, rtol=0.05, atol=1e-3 * float(exact.abs().max()))
+
+
+def test_fast_meta_gradient_on_the_last_stage_matches_exact():
+    """--meta-grad fast --meta-params stage (the tail replay, the meta direction on the tail's parameters) against
+    the exact second-order meta-gradient with the look-ahead on the same parameters: equal up to O(lr)."""
+    model, x, y, xm, ym = _glue_batch(torch.float64)
+    tail = student.probe_layers(model, "stage", labels=lambda: y, fd_eps=1e-6)
+    direction = tail.meta_direction(list(model.parameters()), lambda: student.meta_loss(model, xm, ym))
+    assert all(p.requires_grad for p in model.parameters())  # unfrozen again
+    w = torch.rand(12, dtype=torch.float64) + 0.5
+    with tail.watch():
+        out = student.forward(model, x, y, states=False)
+    ((w * out.losses).sum() / 12).backward()
+    lr = 1e-3
+    fast = first_order(tail, *direction, lr, 12.0, 12, weights=w, loss_scale=1 / 12).grad_w
+    model.zero_grad()
+    bufs = student.replay_buffers(model)
+
+    def tl(p):
+        return F.cross_entropy(torch.func.functional_call(model, {**student.replay_buffers(model), **p}, (x,)), y,
+                               reduction="none")
+
+    def ml(p):
+        return F.cross_entropy(torch.func.functional_call(model, {**bufs, **p}, (xm,)), ym)
+
+    mine = {id(p) for p in tail.parameters().values()}
+    sub = {n: p for n, p in model.named_parameters() if id(p) in mine}
+    assert len(sub) == len(mine) and any(n.startswith("stages.2.") for n in sub) and "fc.weight" in sub
+    exact = weight_gradient(sub, tl, ml, w, lr, 12.0, mode="exact").grad_w
+    assert F.cosine_similarity(fast, exact, dim=0) > 0.999
+    assert torch.allclose(fast, exact, rtol=0.05, atol=1e-3 * float(exact.abs().max()))
+
+
 def test_fd_meta_gradient_matches_exact_on_the_image_student():
     for dtype, fd_eps, min_cos in ((torch.float32, 1e-3, 0.99), (torch.float64, 1e-7, 0.99999)):
         model, x, y, xm, ym = _glue_batch(dtype)
@@ -433,7 +502,7 @@ def test_image_recipe_paper_and_explicit_flags():
 
 
 @pytest.mark.parametrize("method,meta_params,extra", [
-    ("l2rw", "auto", []), ("mwnet", "fc", []), ("deep", "stage,fc", []),
+    ("l2rw", "auto", []), ("mwnet", "fc", []), ("deep", "stage,fc", []), ("deep", "block", []),
     ("deep", "fc", ["--meta-refresh", "3", "--meta-ema", "0.9"]), ("l2rw", "fc", ["--max-weight", "1.5"]),
 ])
 def test_cli_fast_meta_gradient(method, meta_params, extra, fashion, tmp_path):

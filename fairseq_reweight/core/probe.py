@@ -77,6 +77,8 @@ class LayerProbe:
     A parameter shared by several layers (tied embeddings) is one parameter: its meta gradient and
     its per-example gradients sum over every probed use."""
 
+    weighted = True  # the output gradients come from the student's weighted backward (divided by the weights)
+
     def __init__(self, layers: Sequence[Tuple[str, nn.Module, int]]):
         if not layers:
             raise ValueError("LayerProbe needs at least one layer")
@@ -153,6 +155,10 @@ class LayerProbe:
         finally:
             for h in handles:
                 h.remove()
+
+    def meta_direction(self, params: Sequence[torch.Tensor],
+                       meta_loss: Callable[[], torch.Tensor]) -> Tuple[Direction, torch.Tensor]:
+        return meta_direction(self, params, meta_loss)
 
     def _check_seen(self):
         seen = {c.name for c in self.calls}
@@ -355,9 +361,10 @@ def first_order(probe: LayerProbe, direction: Direction, meta_loss: torch.Tensor
                 batch_size: int, weights: Optional[torch.Tensor] = None, loss_scale: float = 1.0) -> MetaGrad:
     """``dL_meta/dw_i ~= -(lr/denom) <grad L_meta, grad l_i>`` on the probed layers, from the probe's
     last recorded pass. With ``weights`` the output gradients are those of the student's backward of
-    ``loss_scale * sum_i w_i l_i``, divided here by ``loss_scale * w_i``."""
+    ``loss_scale * sum_i w_i l_i``, divided here by ``loss_scale * w_i`` (not for a :class:`~.replay.TailReplay`,
+    whose products do not come from that backward)."""
     dots = probe.example_dots(direction, batch_size)
-    if weights is not None:
+    if weights is not None and probe.weighted:
         w = weights.to(dots) * loss_scale
         dots = torch.where(w > 0, dots / w.clamp_min(1e-30), torch.zeros_like(dots))
     return MetaGrad((-lr / denom) * dots, meta_loss)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import MetaGrad, functional_call, parse_states_spec
+from ..core.replay import TailReplay
 from ..core.strategies.lookahead import replayed
 
 
@@ -69,30 +70,68 @@ def replay_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {n: b.clone() for n, b in model.named_buffers()}
 
 
-def probe_layers(model: nn.Module, spec: str):
-    """``--meta-params`` for images -> ``[(name, module, 0)]``: ``fc`` (the classifier), ``block`` (the
-    convolutions of the last residual block), ``stage`` (every convolution of the last stage), ``all``
-    (every convolution); comma-separated, e.g. ``stage,fc``; ``auto`` = ``fc``.
+class _Tail(nn.Module):
+    """The part of an :class:`~.models.ImageStudent` from ``blocks[0]``'s input to the logits (references to the
+    student's own modules: its state dict is untouched)."""
 
-    Only the classifier's per-example gradients are exact: a convolution followed by BatchNorm (in
-    train mode) couples the examples of a batch, so the gradient the student's backward leaves at its
-    output mixes in the other examples' losses."""
+    def __init__(self, model: nn.Module, blocks: List[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.head_norm, self.fc = model.head_norm, model.fc
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            h = block(h)
+        return self.fc(self.head_norm(h).mean((2, 3)))
+
+
+def tail_replay(model: nn.Module, part: str, labels: Callable[[], torch.Tensor], fd_eps: float = 1e-3) -> TailReplay:
+    """``--meta-params block`` / ``stage`` / ``all``: the exact per-example meta-gradient on the student from the
+    last residual block / the last stage / the stem on (core/replay.py), every BatchNorm and the classifier
+    included; ``labels()``: the current training batch's labels."""
+    last = model.stages[-1]
+    if part == "all":
+        tail, entry, name = model, model, "every layer"
+    else:
+        blocks = [last[-1]] if part == "block" else [last]
+        tail = _Tail(model, blocks)
+        entry = blocks[0]
+        where = (f"stages.{len(model.stages) - 1}.{len(last) - 1}" if part == "block"
+                 else f"stages.{len(model.stages) - 1}")
+        name = f"{where} + classifier"
+    params = {n: p for n, p in tail.named_parameters() if p.requires_grad}
+
+    def replay(p: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        buffers = {n: b.clone() for n, b in tail.named_buffers()}  # BatchNorm statistics stay where they are
+        return F.cross_entropy(functional_call(tail, {**buffers, **p}, (x,)), labels(), reduction="none")
+
+    return TailReplay(name, entry, params, replay, fd_eps)
+
+
+def probe_layers(model: nn.Module, spec: str, labels: Optional[Callable[[], torch.Tensor]] = None,
+                 fd_eps: float = 1e-3):
+    """``--meta-params`` for images: ``fc`` (the classifier; probed, exact: no BatchNorm above it), ``block`` (the
+    last residual block on), ``stage`` (the last stage on), ``all`` (every layer); ``auto`` = ``stage``. A list may
+    name several (``stage,fc``): the deepest one decides, the classifier is always part of a tail.
+
+    ``fc`` alone gives ``[(name, module, 0)]`` for a :class:`~..core.probe.LayerProbe`; the others a
+    :class:`~..core.replay.TailReplay` (``labels()``: the current batch's labels), because a convolution followed
+    by BatchNorm (train mode) couples the examples of a batch: the gradient the student's backward leaves at its
+    output mixes in the other examples' losses, so probes there are not exact."""
     parts = [p.strip() for p in str(spec).split(",") if p.strip()]
     if parts == ["auto"]:
-        parts = ["fc"]
-    chosen = {}
-    last_stage = model.stages[-1]
-    for part in parts:
-        if part == "fc":
-            chosen["fc"] = model.fc
-        elif part in ("block", "stage", "all"):
-            root = {"block": last_stage[-1], "stage": last_stage, "all": model}[part]
-            prefix = {"block": f"stages.{len(model.stages) - 1}.{len(last_stage) - 1}.",
-                      "stage": f"stages.{len(model.stages) - 1}.", "all": ""}[part]
-            chosen.update({prefix + n: m for n, m in root.named_modules() if isinstance(m, nn.Conv2d)})
-        else:
-            raise ValueError(f"--meta-params {spec!r}: use auto, or a comma-separated list of fc, block, stage, all")
-    return [(n, m, 0) for n, m in chosen.items()]
+        parts = ["stage"]
+    bad = [p for p in parts if p not in ("fc", "block", "stage", "all")]
+    if bad or not parts:
+        raise ValueError(f"--meta-params {spec!r}: use auto, or a comma-separated list of fc, block, stage, all")
+    deepest = next((p for p in ("all", "stage", "block") if p in parts), None)
+    if deepest is None:
+        return [("fc", model.fc, 0)]
+    return tail_replay(model, deepest, labels or _no_labels, fd_eps)
+
+
+def _no_labels() -> torch.Tensor:
+    raise RuntimeError("a tail replay needs the batch's labels: pass labels= to probe_layers")
 
 
 def meta_loss(model: nn.Module, meta_x: torch.Tensor, meta_y: torch.Tensor) -> torch.Tensor:

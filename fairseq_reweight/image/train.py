@@ -173,8 +173,11 @@ class Trainer:
         self.layers = (student.parse_teacher_states(cfg.teacher_states, self.model.num_states)
                        if cfg.reweight_method == "deep" else [])
         student.probe_layers(self.model, cfg.meta_params)  # a bad --meta-params fails here, not at the first update
+        self._labels: Optional[torch.Tensor] = None  # the training batch's labels (replays of --meta-params stage)
         self.strategy = strategies.build(cfg.meta_grad, self.reweighter, fd_eps=cfg.meta_fd_eps,
-                                         probe_layers=lambda: student.probe_layers(self.model, cfg.meta_params),
+                                         probe_layers=lambda: student.probe_layers(
+                                             self.model, cfg.meta_params, labels=lambda: self._labels,
+                                             fd_eps=cfg.meta_fd_eps),
                                          refresh=cfg.meta_refresh, ema=cfg.meta_ema)
         self._sync_logged = False
         # separate streams: every method sees the same training batches and augmentations
@@ -314,6 +317,7 @@ class Trainer:
         ``self.strategy`` (core/strategies/__init__.py) around the student's forward and backward, as in the
         fairseq task's ``train_step``."""
         cfg, s, n, step = self.cfg, self.strategy, len(y), self.updates
+        self._labels = y
         s.begin_update(step, params=list(self.model.parameters()),
                        meta_loss=lambda: student.meta_loss(self.model, *self._meta_batch()))
         with s.forward(self.device):

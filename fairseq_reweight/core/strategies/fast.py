@@ -18,14 +18,15 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from ..metagrad import MetaGrad
-from ..probe import LayerProbe, MetaDirection, adam_precondition, first_order, meta_direction
+from ..probe import LayerProbe, MetaDirection, adam_precondition, first_order
 
 
 class FastMetaGrad:
     def __init__(self, reweighter, mode: str = "fast", probe_layers: Optional[Callable[[], list]] = None,
                  refresh: int = 1, ema: float = 0.0, precondition: str = "none", fd_eps: Optional[float] = None,
                  on_probe: Optional[Callable[[LayerProbe], None]] = None):
-        """``probe_layers()``: the ``[(name, module, batch_dim)]`` to probe (called once, at the first meta update);
+        """``probe_layers()``: the ``[(name, module, batch_dim)]`` to probe, or a built probe such as a
+        :class:`~..replay.TailReplay` (called once, at the first meta update);
         ``precondition``: ``none`` or ``adam`` (the ``optimizer`` given to :meth:`begin_update`);
         ``on_probe``: called with the probe when it is built (the glue logs its layers)."""
         self.rw = reweighter
@@ -42,7 +43,8 @@ class FastMetaGrad:
     @property
     def probe(self) -> LayerProbe:
         if self._probe is None:
-            self._probe = LayerProbe(self._probe_layers())
+            layers = self._probe_layers()
+            self._probe = LayerProbe(layers) if isinstance(layers, (list, tuple)) else layers
             if self._on_probe is not None:
                 self._on_probe(self._probe)
         return self._probe
@@ -114,7 +116,7 @@ class FastMetaGrad:
     def fresh_direction(self, params: Sequence[torch.Tensor], meta_loss: Callable[[], torch.Tensor]):
         """``(dL_meta/dtheta on the probed layers, L_meta)`` at the current ``params``: one meta forward with every
         parameter frozen, whose backward starts and stops at the probed layers."""
-        return meta_direction(self.probe, list(params), meta_loss)
+        return self.probe.meta_direction(list(params), meta_loss)
 
     def first_order(self, weights: Optional[torch.Tensor] = None, loss_scale: float = 1.0) -> MetaGrad:
         """dL_meta/dw_i of the probe's last recorded pass (``weights``: those of the student's backward)."""
