@@ -487,16 +487,18 @@ def test_cli_weight_norm_running(fashion, tmp_path):
 
 
 def test_image_recipe_paper_and_explicit_flags():
-    """--reweight-recipe paper: Fan et al.'s uncapped, undecayed teacher; explicit flags win over the recipe
-    (--max-weight 0: no cap)."""
+    """--reweight-recipe paper: Fan et al.'s uncapped, undecayed teacher with a fresh meta direction every update;
+    explicit flags win over the recipe (--max-weight 0: no cap); fd/exact keep the fast-only flags plain."""
     from fairseq_reweight.image.train import TrainConfig, check_config
 
-    for kw, want in (({}, (2.0, 3.0)), ({"reweight_recipe": "paper"}, (None, 0.0)),
-                     ({"max_weight": 0.0}, (None, 3.0)), ({"teacher_weight_decay": 1.0, "max_weight": 3.0}, (3.0, 1.0)),
-                     ({"reweight_method": "mwnet"}, (None, 0.0))):
+    for kw, want in (({}, (2.0, 3.0, 4, 0.9)), ({"reweight_recipe": "paper"}, (None, 0.0, 1, 0.0)),
+                     ({"max_weight": 0.0}, (None, 3.0, 4, 0.9)),
+                     ({"teacher_weight_decay": 1.0, "max_weight": 3.0, "meta_refresh": 2}, (3.0, 1.0, 2, 0.9)),
+                     ({"reweight_method": "mwnet"}, (None, 0.0, 1, 0.0)), ({"meta_grad": "fd"}, (2.0, 3.0, 1, 0.0))):
         cfg = TrainConfig(**kw)
         check_config(cfg)
-        assert (cfg.max_weight, cfg.teacher_weight_decay) == want, kw
+        assert (cfg.max_weight, cfg.teacher_weight_decay, cfg.meta_refresh, cfg.meta_ema) == want, kw
+    assert TrainConfig().meta_grad == "fast" and TrainConfig().meta_params == "auto"
     with pytest.raises(ValueError, match="--weight-norm must be one of batch, running"):
         check_config(TrainConfig(weight_norm="running-length"))
 
@@ -507,12 +509,12 @@ def test_image_recipe_paper_and_explicit_flags():
 ])
 def test_cli_fast_meta_gradient(method, meta_params, extra, fashion, tmp_path):
     """--meta-grad fast through the CLI: the teacher moves, weights are finite and normalised; with
-    --meta-refresh 3 a fresh meta direction is computed at updates 0, 3, 6, 9 only."""
+    --meta-refresh 3 a fresh meta direction is computed at updates 0, 3, 6, 9 only (deep's default, 4: 0, 4, 8)."""
     summary = main(tiny_args(fashion, tmp_path / "run", method, "--meta-grad", "fast", "--meta-params", meta_params,
                              "--dump-weights", str(tmp_path / "w.tsv"), *extra))
     assert summary["finished"] and summary["meta_steps"] == 10 and summary["meta_skipped"] == 0
     saved = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)["meta_direction"]
-    assert (saved["calls"], saved["fresh"]) == (10, 4 if "--meta-refresh" in extra else 10)
+    assert (saved["calls"], saved["fresh"]) == (10, 4 if "--meta-refresh" in extra else 3 if method == "deep" else 10)
     w = np.loadtxt(tmp_path / "w.tsv", skiprows=1)[:, 2].reshape(10, 20)
     assert np.isfinite(w).all() and w[-1].std() > 1e-4  # not uniform: the teacher (or l2rw) reacted
     full = (w > 0).sum(1) >= 20 / 1.5 if "--max-weight" in extra else np.ones(10, bool)
@@ -529,7 +531,7 @@ def test_cli_flag_errors(fashion, tmp_path, capsys):
         ("l2rw", ["--teacher-weight-decay", "1"], "--teacher-weight-decay has no effect"),
         ("l2rw", ["--meta-interval", "3"], "drop --meta-interval"),
         ("mwnet", ["--teacher-states", "all"], "--teacher-states only applies"),
-        ("mwnet", ["--meta-ema", "0.9"], "--meta-refresh/--meta-ema reuse and average"),  # the default is fd
+        ("mwnet", ["--meta-grad", "fd", "--meta-ema", "0.9"], "--meta-refresh/--meta-ema reuse and average"),
         ("deep", ["--meta-size", "0"], "needs a clean meta set"),
         ("none", ["--max-weight", "2"], "--max-weight caps the weights"),
         ("mwnet", ["--max-weight", "0.5"], "--max-weight must be > 1"),

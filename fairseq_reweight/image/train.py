@@ -70,16 +70,13 @@ class TrainConfig(ReweightConfig):
     momentum: float = 0.9
     weight_decay: float = 5e-4
     # reweighting: the fields of core.config.ReweightConfig (the flags of the fairseq task), with these defaults:
-    # fd, not fast: with BatchNorm between the probed convolutions and the loss the probe's per-example gradients
-    # are not exact, and on the classifier alone the signal measured weak (README "Performance"); the recipe
-    # (core/recipe.py::resolve_image) sets --max-weight and --teacher-weight-decay; no Adam preconditioning
-    # (the student is SGD)
-    meta_grad: _R["meta_grad"] = _like("meta_grad", "fd")
+    # fast, on the last stage and the classifier (--meta-params auto), computed by replaying that tail (core/replay.py:
+    # exact per-example products despite BatchNorm); the recipe (core/recipe.py::resolve_image) sets --max-weight,
+    # --teacher-weight-decay, --meta-refresh and --meta-ema; no Adam preconditioning (the student is SGD)
+    meta_grad: _R["meta_grad"] = _like("meta_grad", "fast")
     teacher_weight_decay: Optional[float] = _like("teacher_weight_decay", None)
     reweight_warmup: _R["reweight_warmup"] = _like("reweight_warmup", 0)
     meta_precondition: _R["meta_precondition"] = _like("meta_precondition", "none")
-    meta_refresh: _R["meta_refresh"] = _like("meta_refresh", 1)
-    meta_ema: _R["meta_ema"] = _like("meta_ema", 0.0)
     # run
     save_dir: str = "runs/image"
     resume: bool = False
@@ -92,9 +89,9 @@ class TrainConfig(ReweightConfig):
 
 def check_config(cfg: TrainConfig) -> None:
     m = cfg.reweight_method
-    for k, v in recipe.resolve_image(str(cfg.reweight_recipe), str(m), max_weight=cfg.max_weight,
-                                     teacher_weight_decay=cfg.teacher_weight_decay,
-                                     weight_norm=cfg.weight_norm).items():
+    for k, v in recipe.resolve_image(str(cfg.reweight_recipe), str(m), str(cfg.meta_grad), max_weight=cfg.max_weight,
+                                     teacher_weight_decay=cfg.teacher_weight_decay, weight_norm=cfg.weight_norm,
+                                     meta_refresh=cfg.meta_refresh, meta_ema=cfg.meta_ema).items():
         setattr(cfg, k, v)
     cfg.validate()
     if str(cfg.meta_precondition) == "adam":
