@@ -10,6 +10,10 @@ input and output gradient during the student's ordinary training pass, so after 
 follows per example in closed form (core/probe.py), is back-propagated through the batch normalisation and
 the teacher, and the teacher takes one step per update, after the student's. No virtual step, no second
 training forward, no double backward.
+
+With a replayed tail instead of probes (core/replay.py: images, where BatchNorm makes probes inexact) the products
+need only the recorded tail input, not the student's backward, so the teacher takes its step before the student's
+and the student trains with the updated teacher's weights, as with ``fd``/``exact`` and in MW-Net.
 """
 
 import contextlib
@@ -39,6 +43,7 @@ class FastMetaGrad:
         self._active = self._real = False
         self._w_graph: Optional[torch.Tensor] = None
         self._scale = (1.0, 1.0, 0)  # (lr, denom, batch size) of the current batch
+        self._stepped = -1  # the update whose teacher step was taken before the student's (replayed tails)
 
     @property
     def probe(self) -> LayerProbe:
@@ -91,6 +96,9 @@ class FastMetaGrad:
                 return rw.l2rw(self.first_order(), info), info
             if not rw.has_teacher or step < rw.warmup:
                 return torch.ones(n, device=losses.device), info
+            if self._active and not self.probe.weighted:  # replayed products: the teacher steps first
+                self._stepped = step
+                return rw.weights(step, features, lambda w: self.first_order())
             w, self._w_graph = rw.teacher_weights(step, features)  # the graph only on meta updates
             return w, info
 
@@ -107,7 +115,7 @@ class FastMetaGrad:
         moments folded in. True when a data-parallel check found the teachers identical."""
         rw = self.rw
         meta = rw.has_teacher and rw.is_meta_step(step)
-        if meta:
+        if meta and self._stepped != step:
             rw.step_teacher()
         rw.end_update()
         return meta and rw.check_in_sync(step)
