@@ -305,39 +305,6 @@ def test_meta_gradient_leaves_batchnorm_statistics_alone(mode):
     out.losses.sum().backward()  # the caller's backward still works
 
 
-def test_fast_meta_gradient_on_the_classifier_matches_exact():
-    """--meta-grad fast (first-order, classifier layer, from the student's own backward) against the
-    exact second-order meta-gradient with the look-ahead on the classifier: equal up to O(lr)."""
-    model, x, y, xm, ym = _glue_batch(torch.float64)
-    probe = LayerProbe([("fc", model.fc, 0)])
-    before = {n: b.clone() for n, b in model.named_buffers()}
-    direction = meta_direction(probe, list(model.parameters()), lambda: student.meta_loss(model, xm, ym))
-    for n, b in model.named_buffers():
-        assert torch.equal(b, before[n]), n  # the meta pass does not move the BatchNorm statistics
-    w = torch.rand(12, dtype=torch.float64) + 0.5
-    with probe.watch(capture_grads=True):
-        out = student.forward(model, x, y, states=False)
-    ((w * out.losses).sum() / 12).backward()
-    lr = 1e-3
-    fast = first_order(probe, *direction, lr, 12.0, 12, weights=w, loss_scale=1 / 12).grad_w
-    model.zero_grad()
-    bufs = student.replay_buffers(model)
-
-    def tl(p):
-        return F.cross_entropy(torch.func.functional_call(model, {**student.replay_buffers(model), **p}, (x,)), y,
-                               reduction="none")
-
-    def ml(p):
-        return F.cross_entropy(torch.func.functional_call(model, {**bufs, **p}, (xm,)), ym)
-
-    fc = {n: p for n, p in model.named_parameters() if n.startswith("fc.")}
-    exact_fc = weight_gradient(fc, tl, ml, w, lr, 12.0, mode="exact").grad_w
-    assert F.cosine_similarity(fast, exact_fc, dim=0) > 0.999
-    assert torch.allclose(fast, exact_fc, rtol=0.05, atol=1e-3 * float(exact_fc.abs().max()))
-    exact_all = weight_gradient(dict(model.named_parameters()), tl, ml, w, lr, 12.0, mode="exact").grad_w
-    print(f"image: cosine(fast on fc, exact on all parameters) = {F.cosine_similarity(fast, exact_all, dim=0):.3f}")
-
-
 @pytest.mark.parametrize("part", ["block", "stage", "all"])
 def test_tail_replay_matches_per_example_autograd(part):
     """--meta-params block/stage/all (core/replay.py): <v, grad l_i> for every example from two replays of the
@@ -376,19 +343,25 @@ def test_tail_replay_matches_per_example_autograd(part):
         assert not torch.allclose(probed, exact, rtol=0.05, atol=1e-3 * float(exact.abs().max()))
 
 
-def test_fast_meta_gradient_on_the_last_stage_matches_exact():
-    """--meta-grad fast --meta-params stage (the tail replay, the meta direction on the tail's parameters) against
-    the exact second-order meta-gradient with the look-ahead on the same parameters: equal up to O(lr)."""
+@pytest.mark.parametrize("part", ["fc", "stage"])
+def test_fast_meta_gradient_matches_exact(part):
+    """--meta-grad fast (first-order) against the exact second-order meta-gradient with the look-ahead on the same
+    parameters: equal up to O(lr). ``fc``: the classifier's probe, from the student's own backward divided by the
+    weights; ``stage``: the last stage + classifier by the tail replay (core/replay.py), BatchNorm included."""
     model, x, y, xm, ym = _glue_batch(torch.float64)
-    tail = student.probe_layers(model, "stage", labels=lambda: y, fd_eps=1e-6)
-    direction = tail.meta_direction(list(model.parameters()), lambda: student.meta_loss(model, xm, ym))
+    layers = student.probe_layers(model, part, labels=lambda: y, fd_eps=1e-6)
+    probe = LayerProbe(layers) if part == "fc" else layers
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    direction = probe.meta_direction(list(model.parameters()), lambda: student.meta_loss(model, xm, ym))
+    for n, b in model.named_buffers():
+        assert torch.equal(b, before[n]), n  # the meta pass does not move the BatchNorm statistics
     assert all(p.requires_grad for p in model.parameters())  # unfrozen again
     w = torch.rand(12, dtype=torch.float64) + 0.5
-    with tail.watch():
+    with probe.watch(capture_grads=True):
         out = student.forward(model, x, y, states=False)
     ((w * out.losses).sum() / 12).backward()
     lr = 1e-3
-    fast = first_order(tail, *direction, lr, 12.0, 12, weights=w, loss_scale=1 / 12).grad_w
+    fast = first_order(probe, *direction, lr, 12.0, 12, weights=w, loss_scale=1 / 12).grad_w
     model.zero_grad()
     bufs = student.replay_buffers(model)
 
@@ -399,12 +372,14 @@ def test_fast_meta_gradient_on_the_last_stage_matches_exact():
     def ml(p):
         return F.cross_entropy(torch.func.functional_call(model, {**bufs, **p}, (xm,)), ym)
 
-    mine = {id(p) for p in tail.parameters().values()}
+    mine = {id(p) for p in probe.parameters().values()}
     sub = {n: p for n, p in model.named_parameters() if id(p) in mine}
-    assert len(sub) == len(mine) and any(n.startswith("stages.2.") for n in sub) and "fc.weight" in sub
+    assert len(sub) == len(mine) and "fc.weight" in sub and (part == "fc") != any(n.startswith("stages.2.") for n in sub)
     exact = weight_gradient(sub, tl, ml, w, lr, 12.0, mode="exact").grad_w
     assert F.cosine_similarity(fast, exact, dim=0) > 0.999
     assert torch.allclose(fast, exact, rtol=0.05, atol=1e-3 * float(exact.abs().max()))
+    exact_all = weight_gradient(dict(model.named_parameters()), tl, ml, w, lr, 12.0, mode="exact").grad_w
+    print(f"image: cosine(fast on {part}, exact on all parameters) = {F.cosine_similarity(fast, exact_all, dim=0):.3f}")
 
 
 def test_fd_meta_gradient_matches_exact_on_the_image_student():
