@@ -118,6 +118,44 @@ def train_split_size(flags_path):
     return None, None
 
 
+def target_lengths(flags_path):
+    """Token count of every target sentence of the train split next to the flags file (DATA-BIN/train.SRC-TGT.TGT.idx,
+    fairseq's mmap index: header, then one int32 size per sentence); None if there is none."""
+    folder = os.path.dirname(os.path.abspath(flags_path))
+    for idx in sorted(glob.glob(os.path.join(glob.escape(folder), "train.*-*.*.idx"))):
+        pair, lang = os.path.basename(idx).split(".")[1:3]
+        if pair.split("-")[-1] != lang:
+            continue  # the source side
+        with open(idx, "rb") as f:
+            head = f.read(26)  # magic, version <Q, dtype <B, length <Q
+            if head[:9] != b"MMIDIDX\x00\x00" or len(head) < 26:
+                return None
+            n = struct.unpack("<Q", head[18:26])[0]
+            return np.frombuffer(f.read(4 * n), dtype=np.int32).astype(np.int64)
+    return None
+
+
+def length_bias(ids, weights, flags, lengths, last, buckets=5):
+    """The clean sentences by target-length quantile of the corpus: how many of them the last part of training saw
+    (``--drop-below`` leaves some out) and their mean weight there. A teacher that favours short sentences makes a
+    student that writes short ones. ``[{"tokens": [lo, hi], "corpus", "seen", "mean_w"}]``."""
+    clean_ids = np.flatnonzero(flags == 0)
+    if len(clean_ids) < buckets:
+        return None
+    keep = last & (flags[ids] == 0)
+    uid, inv = np.unique(ids[keep], return_inverse=True)
+    mean_w = np.bincount(inv, weights=weights[keep]) / np.bincount(inv)
+    edges = np.unique(np.quantile(lengths[clean_ids], np.linspace(0, 1, buckets + 1)))
+    out = []
+    for k, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
+        def inside(lens):
+            return (lens >= a) & ((lens < b) if k < len(edges) - 2 else (lens <= b))
+        m = inside(lengths[uid])
+        out.append({"tokens": [int(a), int(b)], "corpus": int(inside(lengths[clean_ids]).sum()), "seen": int(m.sum()),
+                    "mean_w": _r(mean_w[m].mean()) if m.any() else None})
+    return out
+
+
 def _r(x, nd=4):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), nd)
 
@@ -249,6 +287,10 @@ def main(argv=None):
     res = analyze(updates, ids, weights, losses, flags, _auc_fn(), args.windows, args.last_frac)
     res.update(weights_file=os.path.abspath(args.weights), flags_file=os.path.abspath(args.flags),
                label=args.label)
+    lengths = target_lengths(args.flags)
+    if lengths is not None and len(lengths) == len(flags):
+        res["clean_weight_by_target_length"] = length_bias(ids, weights, flags, lengths,
+                                                           updates >= res["last_from_update"])
     if not args.no_plots:
         clean = flags[ids] == 0
         last = updates >= res["last_from_update"]
@@ -273,6 +315,10 @@ def main(argv=None):
     print(f"AUC (last {res['last_frac']:.0%}, from update {res['last_from_update']}) {fmt(res['auc_last'])}")
     print(f"AUC (last part, per-sentence mean weight) {fmt(res['auc_last_sentence_mean'])}")
     print(f"AUC of -loss (last part, reference)       {fmt(res['auc_last_neg_loss'])}")
+    if res.get("clean_weight_by_target_length"):
+        print("clean sentences by target length, last part (seen/corpus, mean weight): " + ", ".join(
+            f"{b['tokens'][0]}-{b['tokens'][1]} tokens {b['seen']}/{b['corpus']} {fmt(b['mean_w'])}"
+            for b in res["clean_weight_by_target_length"]))
     print(f"[analyze] wrote {out_json}" + (f", {', '.join(res['plots'])}" if "plots" in res else ""))
     return 0
 

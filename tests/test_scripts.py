@@ -357,6 +357,38 @@ def test_analyze_weights_synthetic(tmp_path):
     assert p.returncode == 2 and "flags file has only 2 lines" in p.stderr
 
 
+def test_analyze_weights_reports_clean_weight_by_target_length(tmp_path):
+    """With the data-bin next to the flags file: the clean sentences by target-length quantile, how many the last
+    part saw (the longest fifth left out here) and their mean weight (falling with length here)."""
+    import torch
+    from fairseq.data import indexed_dataset
+
+    rng = np.random.default_rng(1)
+    n = 200
+    lengths = rng.integers(3, 40, n)
+    for lang, lens in (("de", lengths + 1), ("en", lengths)):  # the source side has other lengths
+        stem = str(tmp_path / f"train.de-en.{lang}")
+        b = indexed_dataset.MMapIndexedDatasetBuilder(stem + ".bin", dtype=np.int32)
+        for k in lens:
+            b.add_item(torch.ones(int(k), dtype=torch.int32))
+        b.finalize(stem + ".idx")
+    flags = np.zeros(n, dtype=int)
+    flags[:20] = 1
+    (tmp_path / "train.flags").write_text("".join(f"{f}\n" for f in flags))
+    longest = lengths >= np.quantile(lengths[flags == 0], 0.8)
+    rows = ["update\tid\tweight\tloss"] + [
+        f"{u}\t{i}\t{2.0 - lengths[i] / 40:.4f}\t1.0" for u in range(10) for i in range(n) if not longest[i]]
+    (tmp_path / "w.tsv").write_text("\n".join(rows) + "\n")
+    p = sh([sys.executable, SCRIPTS / "analyze_weights.py", "--weights", tmp_path / "w.tsv", "--flags",
+            tmp_path / "train.flags", "--out-dir", tmp_path, "--no-plots"])
+    by = json.loads((tmp_path / "weights_analysis.json").read_text())["clean_weight_by_target_length"]
+    assert sum(b["corpus"] for b in by) == 180 and len(by) == 5
+    assert by[-1]["seen"] == 0 and by[-1]["mean_w"] is None and all(b["seen"] == b["corpus"] for b in by[:-2])
+    means = [b["mean_w"] for b in by[:-1]]
+    assert means == sorted(means, reverse=True) and means[0] - means[-1] > 0.3
+    assert "clean sentences by target length" in p.stdout
+
+
 # ---------------------------------------------------------------------------------------------- eval post-processing
 def test_score_generate_output(tmp_path):
     import sentencepiece as spm
