@@ -223,7 +223,7 @@ def noise_section(noise: Noise, rows: List[dict], logs: Dict[Key, dict], methods
     lines = [f"## {noise.kind} noise, p = {noise.rate:g}"
              + (f" ({100 * wrong[0]:.1f}% of the training labels wrong)" if wrong else ""), ""]
     lines += ["| method | last-epoch test acc, per seed | mean | best acc, mean (epochs) | weight AUC, per seed | "
-              "mean AUC | s/iter | x none |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "mean AUC | meta-gradient | s/iter | x none |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     by = {m: [r for r in mine if r["method"] == m] for m in methods}
     none_spi = _mean(r["sec_per_iter"] for r in by.get("none", []))
     means = {}
@@ -232,7 +232,7 @@ def noise_section(noise: Noise, rows: List[dict], logs: Dict[Key, dict], methods
         running = [k[2] for k, v in logs.items() if k[:2] == (noise.name, m) and not v["summary"]["finished"]]
         if not rs:
             lines.append(f"| {m} | " + (f"running (seeds {', '.join(map(str, running))})" if running
-                                        else "not run yet") + " | | | | | | |")
+                                        else "not run yet") + " | | | | | | | |")
             continue
         acc, auc, spi = _mean(r["acc"] for r in rs), _mean(r["auc"] for r in rs), _mean(r["sec_per_iter"] for r in rs)
         means[m] = (acc, auc)
@@ -242,8 +242,9 @@ def noise_section(noise: Noise, rows: List[dict], logs: Dict[Key, dict], methods
         best = f"{_f(_mean(r['best_acc'] for r in rs))} ({', '.join(str(r['best_epoch']) for r in rs)})"
         ratio = spi / none_spi if spi and none_spi else None
         note = f" (seeds {', '.join(str(r['seed']) for r in rs)}" + (f"; running {running}" if running else "") + ")"
+        grads = ", ".join(dict.fromkeys(str(r.get("meta_grad")) for r in rs if r.get("meta_grad")))
         lines.append(f"| {m}{note} | {per_seed} | **{_f(acc)}** | {best} | {per_auc} | "
-                     f"{_f(auc, '{:.3f}') if m != 'none' else ''} | {_f(spi, '{:.3f}')} | {_f(ratio)} |")
+                     f"{_f(auc, '{:.3f}') if m != 'none' else ''} | {grads} | {_f(spi, '{:.3f}')} | {_f(ratio)} |")
     lines += ["", "Targets (means over the seeds):"]
     checks = []
     if "deep" in means and "none" in means:
