@@ -54,15 +54,13 @@ NMT_CONFIGS = [
 ]
 IMAGE_CONFIGS = [  # plain = --reweight-method none: the module's own SGD step on uniform weights
     ("plain", None),
-    ("l2rw fast", "--reweight-method l2rw --meta-grad fast"),
-    ("mwnet fast", "--reweight-method mwnet --meta-grad fast"),
-    ("deep fast", "--reweight-method deep --meta-grad fast"),
-    ("deep fast, interval 4", "--reweight-method deep --meta-grad fast --meta-interval 4"),
-    ("deep fast, refresh 4", "--reweight-method deep --meta-grad fast --meta-refresh 4 --meta-ema 0.9"),
-    ("deep fast, interval 4, refresh 4",
-     "--reweight-method deep --meta-grad fast --meta-interval 4 --meta-refresh 4 --meta-ema 0.9"),
-    ("deep fast, stage,fc", "--reweight-method deep --meta-grad fast --meta-params stage,fc"),
-    ("deep fd (default)", "--reweight-method deep --meta-grad fd"),
+    ("l2rw (default)", "--reweight-method l2rw"),
+    ("mwnet (default)", "--reweight-method mwnet"),
+    ("deep (default)", "--reweight-method deep"),  # fast on the last stage, refresh 4
+    ("deep, fresh direction every update", "--reweight-method deep --meta-refresh 1 --meta-ema 0"),
+    ("deep, classifier probe", "--reweight-method deep --meta-params fc"),
+    ("deep, interval 4", "--reweight-method deep --meta-interval 4"),
+    ("deep fd", "--reweight-method deep --meta-grad fd"),
     ("deep exact", "--reweight-method deep --meta-grad exact"),
 ]
 
