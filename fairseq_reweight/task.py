@@ -61,7 +61,7 @@ class ReweightedTranslationConfig(TranslationConfig, ReweightConfig):
     source_contrast: str = field(default="auto", metadata={
         "help": "deep, where the teacher reads source_contrast: compute it in every training batch with the current "
                 "student (batch), or once for the whole corpus and the meta set when reweighting starts (once); "
-                "auto: the recipe's (tuned: " + recipe.TUNED_DEEP["source_contrast"] + ")"})
+                "auto: the recipe's (tuned: " + recipe.TUNED_DEEP["source_contrast"] + ", per batch for sharded --data)"})
     teacher_length_ratio: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     teacher_source_contrast: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     drop_below: Optional[float] = field(default=None, metadata={
@@ -116,6 +116,9 @@ class ReweightedTranslationTask(TranslationTask):
             teacher_prior_scale=cfg.teacher_prior_scale, teacher_lr=cfg.teacher_lr, weight_norm=cfg.weight_norm,
             drop_below=cfg.drop_below, teacher_prior_reference=cfg.teacher_prior_reference,
             source_contrast=cfg.source_contrast)
+        if cfg.source_contrast in (None, "auto") and resolved["source_contrast"] == "once" and \
+                len(utils.split_paths(str(cfg.data))) > 1:
+            resolved["source_contrast"] = "batch"  # one value per pair of one split: not for sharded data
         for k, v in resolved.items():
             setattr(cfg, k, v)
         # the recipe's Adam preconditioning falls back to none for a student optimizer without Adam moments

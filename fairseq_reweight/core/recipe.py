@@ -6,8 +6,10 @@ meta direction every 4 meta updates averaged with decay 0.9, weights capped at 2
 running mean output (not the batch mean: fairseq's length-bucketed batches of mostly misaligned pairs would
 otherwise get mean weight one), the meta direction preconditioned like the student's Adam step, the prior
 standardised by the clean meta set's source contrast (not the training batches': those make the teacher weight the
-lower part of any corpus, a clean one too, near zero), and the pairs whose mean weight in an epoch fell below 0.25
-left out of later epochs (the teacher as a filter during training). ``paper`` is Fan et al. (2021)
+lower part of any corpus, a clean one too, near zero), the pairs whose mean weight in an epoch fell below 0.25
+left out of later epochs (the teacher as a filter during training), and the source contrast computed once for the
+whole corpus when reweighting starts (session 28: level with the per-batch contrast on noisy data, +1.7 BLEU on
+clean data, 1.2x instead of 1.9x plain time; per batch where it cannot be: sharded --data). ``paper`` is Fan et al. (2021)
 as published: no warm-up, the
 teacher on decoder states, token-loss statistics and progress, a fresh meta direction every update, no
 cap, the raw look-ahead direction. ``l2rw`` and ``mwnet`` keep their published forms under both recipes.
@@ -23,7 +25,7 @@ TUNED_DEEP = {"meta_refresh": 4, "meta_ema": 0.9, "max_weight": 2.0, "meta_preco
               "teacher_inputs": "states,token_stats,source_contrast,progress", "warmup_fraction": 1 / 3,
               "teacher_prior": "source_contrast", "teacher_prior_scale": 4.0, "teacher_lr": 1e-4,
               "weight_norm": "running", "drop_below": 0.25, "teacher_prior_reference": "meta",
-              "source_contrast": "batch"}
+              "source_contrast": "once"}
 PLAIN = {"meta_refresh": 1, "meta_ema": 0.0, "max_weight": None, "meta_precondition": "none",
          "teacher_inputs": "states,token_stats,progress", "warmup_fraction": 0.0,
          "teacher_prior": "", "teacher_prior_scale": 2.0, "teacher_lr": 1e-3, "weight_norm": "batch",
@@ -86,7 +88,11 @@ def resolve(recipe: str, method: str, meta_grad: str, max_update: int, *, meta_r
         (default["teacher_prior_reference"] if out["teacher_prior"] else "train")
         if teacher_prior_reference in (None, "auto") else str(teacher_prior_reference))
     out["drop_below"] = _cap(drop_below, default["drop_below"] or None)
-    out["source_contrast"] = default["source_contrast"] if source_contrast in (None, "auto") else str(source_contrast)
+    if source_contrast in (None, "auto"):  # the corpus pass only where the teacher reads the contrast
+        reads = "source_contrast" in out["teacher_inputs"].split(",")
+        out["source_contrast"] = default["source_contrast"] if reads else "batch"
+    else:
+        out["source_contrast"] = str(source_contrast)
     return out
 
 
