@@ -98,3 +98,7 @@ def test_sharded_data_is_refused_with_the_corpus_pass(tiny_data, tmp_path):
                       extra=["--reweight-recipe", "tuned", "--source-contrast", "once"]), check=False)
     assert p.returncode != 0 and "--data has 2 shards" in p.stdout and "use --source-contrast batch" in p.stdout, \
         p.stdout[-3000:]
+    # the tuned recipe's own choice falls back to the per-batch contrast there instead of failing
+    p = run(train_cmd(f"{tiny_data}:{tiny_data}", tmp_path / "ck2", "deep", max_update=2,
+                      extra=["--reweight-recipe", "tuned"]), check=False)
+    assert p.returncode == 0 and "source_contrast=batch" in p.stdout, p.stdout[-3000:]
