@@ -231,7 +231,7 @@ def noise_section(noise: Noise, rows: List[dict], logs: Dict[Key, dict], methods
         rs = by[m]
         running = [k[2] for k, v in logs.items() if k[:2] == (noise.name, m) and not v["summary"]["finished"]]
         if not rs:
-            lines.append(f"| {m} | " + (f"running (seeds {', '.join(map(str, running))})" if running
+            lines.append(f"| {m} | " + (f"unfinished (seeds {', '.join(map(str, running))})" if running
                                         else "not run yet") + " | | | | | | | |")
             continue
         acc, auc, spi = _mean(r["acc"] for r in rs), _mean(r["auc"] for r in rs), _mean(r["sec_per_iter"] for r in rs)
@@ -241,7 +241,7 @@ def noise_section(noise: Noise, rows: List[dict], logs: Dict[Key, dict], methods
         per_auc = ", ".join(_f(r["auc"], "{:.3f}") for r in rs) if m != "none" else ""
         best = f"{_f(_mean(r['best_acc'] for r in rs))} ({', '.join(str(r['best_epoch']) for r in rs)})"
         ratio = spi / none_spi if spi and none_spi else None
-        note = f" (seeds {', '.join(str(r['seed']) for r in rs)}" + (f"; running {running}" if running else "") + ")"
+        note = f" (seeds {', '.join(str(r['seed']) for r in rs)}" + (f"; unfinished {running}" if running else "") + ")"
         grads = ", ".join(dict.fromkeys(str(r.get("meta_grad")) for r in rs if r.get("meta_grad")))
         lines.append(f"| {m}{note} | {per_seed} | **{_f(acc)}** | {best} | {per_auc} | "
                      f"{_f(auc, '{:.3f}') if m != 'none' else ''} | {grads} | {_f(spi, '{:.3f}')} | {_f(ratio)} |")
