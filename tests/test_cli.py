@@ -154,12 +154,12 @@ def test_deep_defaults_run_the_tuned_recipe(tiny_data, tmp_path):
     assert ("--reweight-recipe tuned: meta_refresh=4, meta_ema=0.9, max_weight=2.0, meta_precondition=adam, "
             "teacher_inputs=states,token_stats,source_contrast,progress, teacher_lr=") in p.stdout
     assert ("teacher_prior_scale=4.0, weight_norm=running, reweight_warmup=2, teacher_prior=source_contrast, "
-            "teacher_prior_reference=meta, drop_below=0.25, source_contrast=batch") in p.stdout
+            "teacher_prior_reference=meta, drop_below=0.25, source_contrast=once") in p.stdout
     rw = load(tmp_path / "tuned" / "checkpoint_last.pt")["task_state"]["reweighter"]
     assert rw["meta_steps"] == 4 and rw["in_dim"] == 32 + 6  # decoder states + 4 stats + contrast + progress
     assert "prior_scale" in rw["teacher"]  # the teacher starts from source contrast
     assert int(rw["teacher"]["out_norm.count"]) == 4  # weights divided by the running mean output
-    assert int(rw["teacher"]["reference.count"]) >= 1  # the prior standardised by the meta batches' source contrast
+    assert int(rw["teacher"]["reference.count"]) >= 1  # the prior standardised by the meta set's source contrast (the pass)
     sgd = ["--reweight-recipe", "tuned", "--optimizer", "sgd"]
     p = run(train_cmd(tiny_data, tmp_path / "sgd", "deep", max_update=4, extra=sgd))
     assert "is not Adam-type, so the meta direction is not preconditioned" in p.stdout
