@@ -147,9 +147,23 @@ def weight_gradient(
     vnorm = _norm(v)
     if not torch.isfinite(vnorm) or vnorm == 0:
         return MetaGrad(torch.full_like(weights, float("nan") if not torch.isfinite(vnorm) else 0.0), lm.detach())
-    h = float(fd_eps * _norm(theta).clamp_min(1.0) / vnorm)
-    with torch.no_grad():
-        plus = train_losses({n: p.detach() + h * d for n, p, d in zip(names, theta, v)})
-        minus = train_losses({n: p.detach() - h * d for n, p, d in zip(names, theta, v)})
-    directional = (plus - minus) / (2 * h)
+    directional = directional_fd(train_losses, dict(zip(names, theta)), dict(zip(names, v)), fd_eps)
     return MetaGrad((-lr / denom) * directional.detach(), lm.detach())
+
+
+def directional_fd(losses: Callable[[Dict[str, torch.Tensor]], torch.Tensor], params: Dict[str, torch.Tensor],
+                   direction: Params, fd_eps: float = 1e-3) -> torch.Tensor:
+    """``[B]``: ``<direction, grad l_i(params)>`` for every example, by a central difference of ``losses`` along
+    ``direction`` with the relative step ``||h v|| = fd_eps * max(||params||, 1)`` (``fd`` above; the tail replay of ``--meta-grad fast``, core/replay.py).
+    Zero where the direction is zero; NaN where it is not finite."""
+    names = list(params)
+    v = [direction[n].to(params[n].dtype) if n in direction else torch.zeros_like(params[n]) for n in names]
+    vnorm, pnorm = _norm(v), _norm(params.values())
+    with torch.no_grad():
+        if not torch.isfinite(vnorm) or vnorm == 0:
+            base = losses({n: params[n].detach() for n in names})
+            return torch.full_like(base, float("nan") if not torch.isfinite(vnorm) else 0.0)
+        h = float(fd_eps * pnorm.clamp_min(1.0) / vnorm)
+        plus = losses({n: params[n].detach() + h * d for n, d in zip(names, v)})
+        minus = losses({n: params[n].detach() - h * d for n, d in zip(names, v)})
+    return (plus - minus) / (2 * h)

@@ -30,26 +30,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .metagrad import directional_fd
 from .probe import Direction, frozen
-
-
-def directional_fd(losses: Callable[[Dict[str, torch.Tensor]], torch.Tensor], params: Dict[str, torch.Tensor],
-                   direction: Direction, fd_eps: float = 1e-3) -> torch.Tensor:
-    """``[B]``: ``<direction, grad l_i(params)>`` for every example, by a central difference of ``losses`` along
-    ``direction`` with the relative step ``||h v|| = fd_eps * max(||params||, 1)`` (core/metagrad.py's ``fd``).
-    Zero where the direction is zero; NaN where it is not finite."""
-    names = list(params)
-    v = [direction[n].to(params[n].dtype) if n in direction else torch.zeros_like(params[n]) for n in names]
-    vnorm = torch.sqrt(sum((t.detach().float() ** 2).sum() for t in v))
-    pnorm = torch.sqrt(sum((params[n].detach().float() ** 2).sum() for n in names))
-    with torch.no_grad():
-        if not torch.isfinite(vnorm) or vnorm == 0:
-            base = losses({n: params[n].detach() for n in names})
-            return torch.full_like(base, float("nan") if not torch.isfinite(vnorm) else 0.0)
-        h = float(fd_eps * pnorm.clamp_min(1.0) / vnorm)
-        plus = losses({n: params[n].detach() + h * d for n, d in zip(names, v)})
-        minus = losses({n: params[n].detach() - h * d for n, d in zip(names, v)})
-    return (plus - minus) / (2 * h)
 
 
 class TailReplay:

@@ -94,9 +94,9 @@ class Reweighter:
         self.meta_steps = 0
         self.meta_skipped = 0
         self._pending: Optional[dict] = None
-        self._accumulated = 0
+        self._accumulated = 0  # meta-gradients back-propagated into the teacher since its last step
         # dL_meta/dw of the last finite meta-gradient (diagnostics: the image trainer scores it against the flags)
-        self.last_grad_w: Optional[torch.Tensor] = None  # meta-gradients back-propagated into the teacher since its last step
+        self.last_grad_w: Optional[torch.Tensor] = None
 
     @property
     def has_teacher(self) -> bool:
