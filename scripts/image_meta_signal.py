@@ -10,6 +10,8 @@ augmentation) and scores every image by the first-order meta-gradient ``s_i = <d
   BatchNorm's coupling of the batch included) -- what ``--meta-grad fd`` estimates, at θ instead of θ';
 * ``exact:stage,fc``, ``exact:fc``  the same restricted to the last stage's convolutions + classifier / the
   classifier;
+* ``replay:stage``  the image default (the last stage + classifier replayed, core/replay.py), by a central
+  difference and by a forward one from the training losses;
 * ``probe:fc``, ``probe:stage,fc``, ``probe:all``  as ``--meta-grad fast --meta-params ...`` computes it (the
   student's backward at each probed output, divided by the example's weight), with uniform weights and with
   weights ``--probe-weights`` (clean / noisy: what a teacher that already separates them gives; the division
@@ -78,6 +80,18 @@ def probe_dots(model, probe: LayerProbe, x, y, direction, weights):
     return probe.example_dots(v, len(y)) / weights
 
 
+def replay_dots(model, x, y, direction, dname, losses):
+    """What the image default computes (the last stage + classifier replayed from its recorded input,
+    core/replay.py), by a central difference (two replays) and a forward one from the training losses (one)."""
+    tail = student.probe_layers(model, "stage", labels=lambda: y)
+    names = {id(p): n for n, p in model.named_parameters()}
+    v = {k: direction[names[id(p)]] for k, p in tail.parameters().items()}
+    with tail.watch(), torch.no_grad():
+        _functional(model, dict(model.named_parameters()), x)
+    return {f"replay:stage central ({dname})": tail.example_dots(v, len(y)),
+            f"replay:stage one-sided ({dname})": tail.example_dots(v, len(y), base=losses)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="the run's --save-dir (checkpoint_last.pt)")
@@ -93,10 +107,13 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)
     meta_x = tr.augment.normalize(tr.meta_x)
     full, one = meta_direction(model, meta_x, tr.meta_y, cfg.batch_size)
-    layer_sets = {"fc": "fc", "stage,fc": "stage,fc", "all": "all,fc"}
-    probes = {k: LayerProbe(student.probe_layers(model, spec)) for k, spec in layer_sets.items()}
-    exact_names = {k: {n + "." + a for n, m, _ in student.probe_layers(model, spec)
-                       for a, _ in m.named_parameters(recurse=False)} for k, spec in layer_sets.items()}
+    last = f"stages.{len(model.stages) - 1}."
+    layer_sets = {k: [(n, m, 0) for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+                      and (n == "fc" or (k == "stage,fc" and n.startswith(last)) or k == "all")]
+                  for k in ("fc", "stage,fc", "all")}  # the convolutions and the classifier, as LayerProbe layers
+    probes = {k: LayerProbe(layers) for k, layers in layer_sets.items()}
+    exact_names = {k: {n + "." + a for n, m, _ in layers for a, _ in m.named_parameters(recurse=False)}
+                   for k, layers in layer_sets.items()}
     exact_names["all"] = {n for n, _ in model.named_parameters()}
     wc, wn = (float(t) for t in args.probe_weights.split(","))
     scores, clean = {}, []
@@ -114,10 +131,16 @@ def main(argv=None):
                 rows[f"probe:{k} ({dname})"] = probe_dots(model, probes[k], x, y, d, torch.ones(len(y)))
                 w = torch.where(noisy, torch.tensor(wn), torch.tensor(wc))
                 rows[f"probe:{k} weighted ({dname})"] = probe_dots(model, probes[k], x, y, d, w)
+            rows.update(replay_dots(model, x, y, d, dname, loss))
         for k, v in rows.items():
             scores.setdefault(k, []).append(v.detach().numpy())
     clean = np.concatenate(clean)
     result = {k: auc(np.concatenate(v), clean) for k, v in scores.items()}
+    for dname in ("meta set", "one meta batch"):  # how far the one-replay products are from the two-replay ones
+        a, b = (np.concatenate(scores[f"replay:stage {s} ({dname})"]) for s in ("central", "one-sided"))
+        result[f"replay one-sided vs central: correlation ({dname})"] = float(np.corrcoef(a, b)[0, 1])
+        result[f"replay one-sided vs central: relative error ({dname})"] = float(
+            np.linalg.norm(a - b) / np.linalg.norm(a))
     result["_checkpoint"] = {"run": args.run, "epoch": tr.epoch, "updates": tr.updates, "images": int(len(clean)),
                              "noisy": float(1 - clean.mean())}
     for k, v in result.items():

@@ -308,7 +308,7 @@ def test_meta_gradient_leaves_batchnorm_statistics_alone(mode):
 @pytest.mark.parametrize("part", ["block", "stage", "all"])
 def test_tail_replay_matches_per_example_autograd(part):
     """--meta-params block/stage/all (core/replay.py): <v, grad l_i> for every example from two replays of the
-    tail, against per-example autograd through the batch's own forward (BatchNorm's coupling of the batch
+    tail (or one, from the training forward's losses), against per-example autograd through the batch's own forward (BatchNorm's coupling of the batch
     included); the replays leave the BatchNorm statistics alone."""
     torch.manual_seed(0)
     model = build_model("resnet14", 10, in_channels=1).double().train()  # 2 blocks per stage: block != stage
@@ -326,6 +326,10 @@ def test_tail_replay_matches_per_example_autograd(part):
     after_forward = {n: b.clone() for n, b in model.named_buffers()}
     dots = tail.example_dots(v, 12)
     assert torch.allclose(dots, exact, rtol=1e-5, atol=1e-6 * float(exact.abs().max())), (dots, exact)
+    # one replay when the training forward's losses are given (a forward difference: the default's path)
+    one_sided = tail.example_dots(v, 12, base=losses)
+    assert torch.allclose(one_sided, exact, rtol=1e-4, atol=1e-5 * float(exact.abs().max())), (one_sided, exact)
+    assert not torch.allclose(tail.example_dots(v, 12, base=losses + 1e-3), exact, rtol=0.01)  # base is read
     for n, b in model.named_buffers():
         assert torch.equal(b, after_forward[n]), n
     # the same inner products from probes of the block's convolutions (the student's backward at their outputs,

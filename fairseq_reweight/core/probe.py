@@ -358,12 +358,14 @@ def adam_precondition(direction: Direction, params: Dict[str, torch.Tensor],
 
 
 def first_order(probe: LayerProbe, direction: Direction, meta_loss: torch.Tensor, lr: float, denom: float,
-                batch_size: int, weights: Optional[torch.Tensor] = None, loss_scale: float = 1.0) -> MetaGrad:
+                batch_size: int, weights: Optional[torch.Tensor] = None, loss_scale: float = 1.0,
+                base: Optional[torch.Tensor] = None) -> MetaGrad:
     """``dL_meta/dw_i ~= -(lr/denom) <grad L_meta, grad l_i>`` on the probed layers, from the probe's
     last recorded pass. With ``weights`` the output gradients are those of the student's backward of
     ``loss_scale * sum_i w_i l_i``, divided here by ``loss_scale * w_i`` (not for a :class:`~.replay.TailReplay`,
-    whose products do not come from that backward)."""
-    dots = probe.example_dots(direction, batch_size)
+    whose products do not come from that backward; ``base``: the recorded pass's per-example losses, which a replay
+    reuses)."""
+    dots = probe.example_dots(direction, batch_size) if base is None else probe.example_dots(direction, batch_size, base)
     if weights is not None and probe.weighted:
         w = weights.to(dots) * loss_scale
         dots = torch.where(w > 0, dots / w.clamp_min(1e-30), torch.zeros_like(dots))

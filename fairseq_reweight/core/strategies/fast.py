@@ -98,7 +98,8 @@ class FastMetaGrad:
                 return torch.ones(n, device=losses.device), info
             if self._active and not self.probe.weighted:  # replayed products: the teacher steps first
                 self._stepped = step
-                return rw.weights(step, features, lambda w: self.first_order())
+                base = losses.detach()  # the replay's losses at the current parameters: one replay, not two
+                return rw.weights(step, features, lambda w: self.first_order(base=base))
             w, self._w_graph = rw.teacher_weights(step, features)  # the graph only on meta updates
             return w, info
 
@@ -126,10 +127,12 @@ class FastMetaGrad:
         parameter frozen, whose backward starts and stops at the probed layers."""
         return self.probe.meta_direction(list(params), meta_loss)
 
-    def first_order(self, weights: Optional[torch.Tensor] = None, loss_scale: float = 1.0) -> MetaGrad:
-        """dL_meta/dw_i of the probe's last recorded pass (``weights``: those of the student's backward)."""
+    def first_order(self, weights: Optional[torch.Tensor] = None, loss_scale: float = 1.0,
+                    base: Optional[torch.Tensor] = None) -> MetaGrad:
+        """dL_meta/dw_i of the probe's last recorded pass (``weights``: those of the student's backward; ``base``:
+        its per-example losses, for a replayed tail)."""
         lr, denom, n = self._scale
-        return first_order(self.probe, *self.direction, lr, denom, n, weights, loss_scale)
+        return first_order(self.probe, *self.direction, lr, denom, n, weights, loss_scale, base)
 
     def state_dict(self) -> Optional[dict]:
         return self.meta_dir.state_dict() if self.meta_dir.calls else None
