@@ -7,7 +7,8 @@ every corrupted one, 0.5 = no separation (uniform weights give exactly 0.5). Wei
 to mean 1 within each batch, so they are comparable across batches.
 
 Reports the AUC per window of updates, over the last ``--last-frac`` of training (rows, and the mean
-weight of each sentence over that part), and, for reference, the AUC of the negated training loss
+weight of each sentence over that part; with ``--checkpoint`` of a ``--drop-below`` run also over every sentence,
+those it left out at weight 0: the rows alone rank only the survivors of the filter), and, for reference, the AUC of the negated training loss
 (the small-loss heuristic). Writes ``weights_analysis.json``, ``weights_hist.png`` (clean vs
 corrupted weights over the last part) and ``weights_auc.png`` (AUC against updates) into
 ``--out-dir``.
@@ -156,6 +157,42 @@ def length_bias(ids, weights, flags, lengths, last, buckets=5):
     return out
 
 
+def read_left_out(path, n):
+    """``[n]`` bool: the training sentences ``--drop-below`` had left out by the checkpoint ``path`` (None: the
+    run had no --drop-below)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from fairseq_reweight import compat  # noqa: F401  (torch.load allow-list)
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as e:
+        die(f"cannot read the checkpoint {path} ({e}): pass the run's checkpoint_last.pt, or leave --checkpoint out")
+    drop = ((state.get("extra_state") or {}).get("ReweightedTranslationTask") or {}).get("drop")
+    if drop is None:
+        return None
+    dropped = drop["dropped"].numpy().astype(bool)
+    if len(dropped) != n:
+        die(f"the checkpoint's --drop-below state covers {len(dropped)} training sentences but the flags file has "
+            f"{n}: pass the checkpoint of the run that wrote the weights")
+    return dropped
+
+
+def with_left_out(ids, weights, flags, last, left_out, auc):
+    """What the student trains on by the end: every training sentence's mean weight over the last part, and 0 for
+    those ``--drop-below`` has left out (they get no weight any more); the AUC of that score over the sentences
+    seen in the last part or left out, and how many clean / corrupted sentences were left out."""
+    n = len(flags)
+    sums = np.bincount(ids[last], weights=weights[last], minlength=n)
+    counts = np.bincount(ids[last], minlength=n)
+    score = np.where(left_out, 0.0, sums / np.maximum(counts, 1))
+    use = left_out | (counts > 0)
+    return {"auc_last_with_left_out": _r(auc(score[use], flags[use] == 0)),
+            "left_out_clean": int((left_out & (flags == 0)).sum()),
+            "left_out_corrupted": int((left_out & (flags == 1)).sum())}
+
+
 def _r(x, nd=4):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), nd)
 
@@ -255,6 +292,9 @@ def main(argv=None):
     p.add_argument("--windows", type=int, default=10, help="number of update windows of the AUC curve (default 10)")
     p.add_argument("--last-frac", type=float, default=0.2,
                    help="fraction of training (by updates) at the end for the summary AUC and histogram (default 0.2)")
+    p.add_argument("--checkpoint", default=None,
+                   help="the run's checkpoint_last.pt: with --drop-below, also the AUC where the sentences it left "
+                   "out count with weight 0")
     p.add_argument("--label", default="", help="title prefix of the plots, e.g. the method")
     p.add_argument("--json", default=None, help="output JSON (default OUT-DIR/weights_analysis.json)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
@@ -287,6 +327,10 @@ def main(argv=None):
     res = analyze(updates, ids, weights, losses, flags, _auc_fn(), args.windows, args.last_frac)
     res.update(weights_file=os.path.abspath(args.weights), flags_file=os.path.abspath(args.flags),
                label=args.label)
+    if args.checkpoint:
+        left_out = read_left_out(args.checkpoint, len(flags))
+        if left_out is not None:
+            res.update(with_left_out(ids, weights, flags, updates >= res["last_from_update"], left_out, _auc_fn()))
     lengths = target_lengths(args.flags)
     if lengths is not None and len(lengths) == len(flags):
         res["clean_weight_by_target_length"] = length_bias(ids, weights, flags, lengths,
@@ -315,6 +359,9 @@ def main(argv=None):
     print(f"AUC (last {res['last_frac']:.0%}, from update {res['last_from_update']}) {fmt(res['auc_last'])}")
     print(f"AUC (last part, per-sentence mean weight) {fmt(res['auc_last_sentence_mean'])}")
     print(f"AUC of -loss (last part, reference)       {fmt(res['auc_last_neg_loss'])}")
+    if "auc_last_with_left_out" in res:
+        print(f"AUC with the sentences --drop-below left out at weight 0 {fmt(res['auc_last_with_left_out'])} "
+              f"(left out: {res['left_out_clean']} clean, {res['left_out_corrupted']} corrupted)")
     if res.get("clean_weight_by_target_length"):
         print("clean sentences by target length, last part (seen/corpus, mean weight): " + ", ".join(
             f"{b['tokens'][0]}-{b['tokens'][1]} tokens {b['seen']}/{b['corpus']} {fmt(b['mean_w'])}"

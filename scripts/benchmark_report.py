@@ -111,7 +111,8 @@ def combined_auc_plot(curves, path, title):
 # results.json fields beyond method/condition/seed/bleu/chrf/auc, and the weight analysis' keys they hold, so that a
 # table regenerated on another machine (--carry) shows every column of runs no longer on disk
 CARRIED = (("auc_sentence_mean", "auc_last_sentence_mean"), ("w_clean", "mean_w_clean_last"),
-           ("w_corrupted", "mean_w_corrupted_last"), ("auc_neg_loss", "auc_last_neg_loss"))
+           ("w_corrupted", "mean_w_corrupted_last"), ("auc_neg_loss", "auc_last_neg_loss"),
+           ("auc_with_left_out", "auc_last_with_left_out"))
 
 
 def main(argv=None):
@@ -198,7 +199,10 @@ def main(argv=None):
     L.append("- BLEU/chrF: `scripts/eval_bleu.sh` (beam 5, checkpoint_last.pt, sentencepiece-decoded, sacrebleu on "
              "detokenised text against the raw references). Cells: mean ± sample s.d. over seeds (per-seed values).")
     L.append("- Weight AUC: `scripts/analyze_weights.py`; AUC of the weight as a score for *clean* vs *corrupted* "
-             "(0.5 = no separation, 1 = every clean pair above every corrupted one), over the last 20% of updates.\n")
+             "(0.5 = no separation, 1 = every clean pair above every corrupted one), over the last 20% of updates. "
+             "Runs with `--drop-below` (deep's default) train in the end on the filter's survivors only: the rows "
+             "rank those; *left-out sentences at weight 0* ranks every sentence by what the student gives it (its mean "
+             "weight over the last 20%, 0 once left out).\n")
 
     sig = next((r["bleu"]["bleu_signature"] for r in R.values() if (r["bleu"] or {}).get("bleu_signature")), None)
     csig = next((r["bleu"]["chrf_signature"] for r in R.values() if (r["bleu"] or {}).get("chrf_signature")), None)
@@ -223,12 +227,13 @@ def main(argv=None):
     if "noisy" in conds:
         L.append(f"## Weight AUC on the noisy run ({noisy_label})\n")
         L.append("| method | AUC, last 20% of updates | AUC of per-sentence mean weight, last 20% | "
-                 "mean weight clean / corrupted, last 20% | AUC of −loss (reference) |")
-        L.append("|---|---|---|---|---|")
+                 "AUC, left-out sentences at weight 0 | mean weight clean / corrupted, last 20% | "
+                 "AUC of −loss (reference) |")
+        L.append("|---|---|---|---|---|---|")
         for m in (m for m in methods if m != "perfect"):
             if m.startswith("filter-"):  # the filter's score, not a weight: its AUC over the whole train split
                 L.append(f"| {m} (its score, whole train split) | "
-                         f"{fmt_stat([(R['noisy', m, s]['filter'] or {}).get('auc') for s in seeds], 3)} | – | – | – |")
+                         f"{fmt_stat([(R['noisy', m, s]['filter'] or {}).get('auc') for s in seeds], 3)} | – | – | – | – |")
                 continue
             anas = [R["noisy", m, s]["ana"] for s in seeds]
 
@@ -238,8 +243,8 @@ def main(argv=None):
             wc, wx = mean_sd([a.get("mean_w_clean_last") if a else None for a in anas])[0], \
                 mean_sd([a.get("mean_w_corrupted_last") if a else None for a in anas])[0]
             ws = f"{wc:.3f} / {wx:.3f}" if wc is not None and wx is not None else "–"
-            L.append(f"| {m} | {col('auc_last')} | {col('auc_last_sentence_mean')} | {ws} | "
-                     f"{col('auc_last_neg_loss')} |")
+            L.append(f"| {m} | {col('auc_last')} | {col('auc_last_sentence_mean')} | "
+                     f"{col('auc_last_with_left_out')} | {ws} | {col('auc_last_neg_loss')} |")
         L.append("")
 
     L.append("## Seconds per update\n")

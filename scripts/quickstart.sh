@@ -79,7 +79,7 @@ done
 wait
 echo "== 4/4 the teacher's weights against the noise flags"
 python "$ROOT/scripts/analyze_weights.py" --weights "$OUT/deep/weights.tsv" --flags "$DATA/train.flags" \
-    --out-dir "$OUT/deep" --label "deep" > "$OUT/deep/analyze.stdout"
+    --checkpoint "$OUT/deep/checkpoint_last.pt" --out-dir "$OUT/deep" --label "deep" > "$OUT/deep/analyze.stdout"
 python - "$OUT" "$start" <<'EOF'
 import json, sys, time
 out, start = sys.argv[1], float(sys.argv[2])
@@ -92,6 +92,9 @@ print(f"\ndeep - none: {b['deep']['bleu'] - b['none']['bleu']:+.2f} BLEU, {b['de
 print(f"teacher's weight AUC, clean vs misaligned pairs (last 20 % of updates): {a['auc_last']:.3f} "
       f"(the student's -loss alone: {a['auc_last_neg_loss']:.3f}); mean weight clean {a['mean_w_clean_last']:.2f}, "
       f"misaligned {a['mean_w_corrupted_last']:.2f}")
+if "auc_last_with_left_out" in a:
+    print(f"with the pairs --drop-below left out at weight 0: AUC {a['auc_last_with_left_out']:.3f} (left out: "
+          f"{a['left_out_corrupted']} misaligned, {a['left_out_clean']} clean pairs)")
 print(f"weight histogram: {out}/deep/weights_hist.png; AUC over training: {out}/deep/weights_auc.png")
 print(f"BLEU signature: {b['deep']['bleu_signature']}")
 print(f"total {int(time.time() - start) // 60} min")

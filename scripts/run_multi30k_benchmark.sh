@@ -245,7 +245,7 @@ one_run() {
     if [[ "$cond" == noisy && "$method" != perfect && "$method" != filter-* && ! -f "$dir/weights_analysis.json" \
           && -f "$dir/weights.tsv" ]]; then
         python "$ROOT/scripts/analyze_weights.py" --weights "$dir/weights.tsv" --flags "$data/train.flags" \
-            --out-dir "$dir" --label "$method, seed $seed" > "$dir/analyze.stdout" 2>&1 \
+            --checkpoint "$dir/checkpoint_last.pt" --out-dir "$dir" --label "$method, seed $seed" > "$dir/analyze.stdout" 2>&1 \
             || { tail -20 "$dir/analyze.stdout" >&2; die "weight analysis of $cond/$method/seed$seed failed"; }
         grep -E "^AUC \(last" "$dir/analyze.stdout" | head -1 | sed "s|^|  $cond/$method/seed$seed: |" >&2 || true
     fi

@@ -357,6 +357,48 @@ def test_analyze_weights_synthetic(tmp_path):
     assert p.returncode == 2 and "flags file has only 2 lines" in p.stderr
 
 
+def test_analyze_weights_counts_left_out_sentences_at_weight_zero(tmp_path):
+    """With --checkpoint of a --drop-below run: the sentences it left out score 0 (they get no weight any more), the
+    others their mean weight over the last part; the AUC against a brute-force pairwise count. The rows alone rank
+    only the filter's survivors (here at random: about 0.5)."""
+    import torch
+
+    rng = np.random.default_rng(1)
+    n = 100
+    flags = np.zeros(n, dtype=int)
+    flags[:30] = 1
+    left_out = np.zeros(n, dtype=bool)
+    left_out[:25] = True  # 25 of the 30 corrupted
+    left_out[30:35] = True  # and 5 clean
+    (tmp_path / "train.flags").write_text("".join(f"{f}\n" for f in flags))
+    rows, sums, counts = ["update\tid\tweight\tloss"], np.zeros(n), np.zeros(n)
+    for u in range(10):
+        for i in rng.choice(np.flatnonzero(~left_out), 40, replace=False):
+            w = float(np.round(0.5 + rng.random(), 4))
+            rows.append(f"{u}\t{i}\t{w}\t5.0")
+            if u >= 5:
+                sums[i], counts[i] = sums[i] + w, counts[i] + 1
+    (tmp_path / "w.tsv").write_text("\n".join(rows) + "\n")
+    torch.save({"extra_state": {"ReweightedTranslationTask": {"drop": {"dropped": torch.from_numpy(left_out)}}}},
+               tmp_path / "checkpoint_last.pt")
+    p = sh([sys.executable, SCRIPTS / "analyze_weights.py", "--weights", tmp_path / "w.tsv", "--flags",
+            tmp_path / "train.flags", "--checkpoint", tmp_path / "checkpoint_last.pt", "--last-frac", "0.5",
+            "--no-plots", "--out-dir", tmp_path])
+    res = json.loads((tmp_path / "weights_analysis.json").read_text())
+    score = np.where(left_out, 0.0, sums / np.maximum(counts, 1))
+    use = left_out | (counts > 0)
+    pos, neg = score[use & (flags == 0)], score[use & (flags == 1)]
+    expected = np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg])
+    assert abs(res["auc_last_with_left_out"] - expected) < 1e-4, (res["auc_last_with_left_out"], expected)
+    assert res["left_out_clean"] == 5 and res["left_out_corrupted"] == 25
+    assert res["auc_last_with_left_out"] > 0.85 and abs(res["auc_last"] - 0.5) < 0.2
+    assert "left out: 5 clean, 25 corrupted" in p.stdout
+    torch.save({"extra_state": {}}, tmp_path / "plain.pt")  # a run without --drop-below: nothing added
+    sh([sys.executable, SCRIPTS / "analyze_weights.py", "--weights", tmp_path / "w.tsv", "--flags",
+        tmp_path / "train.flags", "--checkpoint", tmp_path / "plain.pt", "--no-plots", "--out-dir", tmp_path])
+    assert "auc_last_with_left_out" not in json.loads((tmp_path / "weights_analysis.json").read_text())
+
+
 def test_analyze_weights_reports_clean_weight_by_target_length(tmp_path):
     """With the data-bin next to the flags file: the clean sentences by target-length quantile, how many the last
     part saw (the longest fifth left out here) and their mean weight (falling with length here)."""
@@ -452,6 +494,7 @@ def test_benchmark_report_and_dry_run(tmp_path):
                 (d / "weights_analysis.json").write_text(json.dumps({
                     "auc_last": 0.9 if m == "deep" else 0.5, "auc_last_sentence_mean": 0.95, "auc_last_neg_loss": 0.7,
                     "mean_w_clean_last": 1.1, "mean_w_corrupted_last": 0.6,
+                    **({"auc_last_with_left_out": 0.97} if m == "deep" else {}),
                     "curve": [{"update_from": 0, "update_to": 9, "auc": 0.6}]}))
     res = tmp_path / "res"
     sh([sys.executable, SCRIPTS / "benchmark_report.py", "--runs-dir", runs, "--results-dir", res,
@@ -481,7 +524,7 @@ def test_benchmark_report_and_dry_run(tmp_path):
 
     assert has(rows, {"method": "deep", "condition": "misaligned0.3", "seed": 1, "bleu": 25.0, "chrf": 50.0, "auc": 0.9,
                       "w_clean": 1.1, "w_corrupted": 0.6, "auc_sentence_mean": 0.95, "auc_neg_loss": 0.7,
-                      "s_per_update": 0.8})
+                      "auc_with_left_out": 0.97, "s_per_update": 0.8})
     assert has(rows, {"method": "none", "condition": "clean", "seed": 2, "bleu": 31.0, "chrf": 50.0, "auc": None})
     assert has(rows, {"method": "perfect", "condition": "misaligned0.3", "seed": 1, "bleu": 28.0, "chrf": 55.0,
                       "auc": None})
@@ -495,7 +538,7 @@ def test_benchmark_report_and_dry_run(tmp_path):
     old = tmp_path / "old.json"
     old.write_text(json.dumps([{"method": "deep", "condition": "misaligned0.3", "seed": 2, "bleu": 27.0, "chrf": 49.0,
                                 "auc": 0.8, "w_clean": 1.3, "w_corrupted": 0.2, "auc_sentence_mean": 0.85,
-                                "auc_neg_loss": 0.65, "s_per_update": 0.6},
+                                "auc_neg_loss": 0.65, "auc_with_left_out": 0.95, "s_per_update": 0.6},
                                {"method": "filter-loss", "condition": "misaligned0.3", "seed": 2,
                                 "bleu": 26.0, "chrf": 51.0, "auc": 0.69},
                                {"method": "deep", "condition": "misaligned0.3", "seed": 1, "bleu": 1.0, "auc": 0.1},
@@ -508,8 +551,8 @@ def test_benchmark_report_and_dry_run(tmp_path):
     assert "Carried over from" in md and "noisy/deep/seed2, noisy/filter-loss/seed2" in md
     assert "sacrebleu signature: `SIG`" in md
     # every column of a carried run: the weight analysis' figures and its seconds per update
-    assert "| deep | 0.850 ± 0.071 (0.800, 0.900) | 0.900 ± 0.071 (0.850, 0.950) | 1.200 / 0.400 | 0.675 ± 0.035 " \
-           "(0.650, 0.700) |" in md
+    assert "| deep | 0.850 ± 0.071 (0.800, 0.900) | 0.900 ± 0.071 (0.850, 0.950) | 0.960 ± 0.014 (0.950, 0.970) | " \
+           "1.200 / 0.400 | 0.675 ± 0.035 (0.650, 0.700) |" in md
     assert "| deep | 0.700 | 1.75× |" in md
     rows = json.loads((res / "results.json").read_text())
     assert has(rows, {"method": "filter-loss", "condition": "misaligned0.3", "seed": 1, "bleu": 27.0, "chrf": 52.0,
