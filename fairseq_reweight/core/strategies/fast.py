@@ -91,14 +91,15 @@ class FastMetaGrad:
                 if rw.has_teacher and step >= rw.warmup and features is not None:
                     rw.ensure_teacher(features.shape[1], features.device)
                 return torch.ones(n, device=losses.device), info
+            # a replayed tail differences against this forward's losses: one replay, not two
+            base = losses.detach() if (self._active and not self.probe.weighted) else None
             if rw.method == "l2rw" and self._active:
                 self.probe.output_grads(losses.sum())
-                return rw.l2rw(self.first_order(), info), info
+                return rw.l2rw(self.first_order(base=base), info), info
             if not rw.has_teacher or step < rw.warmup:
                 return torch.ones(n, device=losses.device), info
             if self._active and not self.probe.weighted:  # replayed products: the teacher steps first
                 self._stepped = step
-                base = losses.detach()  # the replay's losses at the current parameters: one replay, not two
                 return rw.weights(step, features, lambda w: self.first_order(base=base))
             w, self._w_graph = rw.teacher_weights(step, features)  # the graph only on meta updates
             return w, info
