@@ -88,24 +88,6 @@ def contrast_batches(task, inner, dataset, max_tokens: Optional[int] = None) -> 
     return batches
 
 
-def statistic(contrast: torch.Tensor, ntokens: torch.Tensor, norm: str) -> torch.Tensor:
-    """The source contrast as the teacher reads it (``--source-contrast-norm``): the per-token difference of the NLLs
-    (``token``), or that times √(target tokens), i.e. the summed difference over √T (``sqrt_length``: the scale of a
-    z-statistic; on clean Multi30k the per-token contrast falls with target length, this one does not)."""
-    if norm == "token":
-        return contrast
-    if norm == "sqrt_length":
-        return contrast * ntokens.to(contrast).clamp_min(1).sqrt()
-    raise ValueError(f"--source-contrast-norm must be token or sqrt_length, got {norm!r}")
-
-
-def meta_reference(task, values: torch.Tensor) -> torch.Tensor:
-    """The prior's clean reference from a pass's ``[N, 2]`` NLLs of the meta split: the scored pairs' contrasts."""
-    keep = scored(values)
-    sizes = torch.as_tensor(task._meta_dataset().tgt_sizes, dtype=torch.float32)[keep]
-    return statistic(values[keep, 0] - values[keep, 1], sizes, task.cfg.source_contrast_norm)
-
-
 def scored(values: torch.Tensor) -> torch.Tensor:
     """``[N]`` bool: the rows of a pass's ``[N, 2]`` NLLs that were scored (a per-token NLL is never exactly 0; the
     rows of pairs the pass left out, too long for the model, stay 0)."""
@@ -137,4 +119,5 @@ def refresh_reference(task, inner, criterion, teacher) -> None:
     if teacher.reference is not None and task.cfg.teacher_prior == "source_contrast":
         meta = split_contrast(task, inner, criterion, task._meta_dataset(), max_tokens=task.cfg.meta_max_tokens,
                               parts=True).cpu()
-        teacher.reference.reset(meta_reference(task, meta)[:, None])
+        meta = meta[scored(meta)]
+        teacher.reference.reset((meta[:, 0] - meta[:, 1])[:, None])

@@ -28,7 +28,7 @@ from .core import ReweightConfig, Reweighter, WeightDumper, functional_call, par
 from .core import strategies, weight_stats
 from .core.selection import EpochDrop, check_threshold
 from .core import features as inputs
-from .contrast import CorpusContrast, meta_reference, statistic
+from .contrast import CorpusContrast, scored
 from .criterion import check_model, num_decoder_layers
 from .features import FEATURES, Batch
 from .layers import probe_layers
@@ -62,10 +62,6 @@ class ReweightedTranslationConfig(TranslationConfig, ReweightConfig):
         "help": "deep, where the teacher reads source_contrast: compute it in every training batch with the current "
                 "student (batch), or once for the whole corpus and the meta set when reweighting starts (once); "
                 "auto: the recipe's (tuned: " + recipe.TUNED_DEEP["source_contrast"] + ", per batch for sharded --data)"})
-    source_contrast_norm: str = field(default="auto", metadata={
-        "help": "deep: the source contrast the teacher reads, per target token (token) or summed over the target and "
-                "divided by its square root (sqrt_length); auto: the recipe's (tuned: "
-                + recipe.TUNED_DEEP["source_contrast_norm"] + ")"})
     teacher_length_ratio: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     teacher_source_contrast: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     drop_below: Optional[float] = field(default=None, metadata={
@@ -119,7 +115,7 @@ class ReweightedTranslationTask(TranslationTask):
             reweight_warmup=cfg.reweight_warmup, teacher_prior=cfg.teacher_prior,
             teacher_prior_scale=cfg.teacher_prior_scale, teacher_lr=cfg.teacher_lr, weight_norm=cfg.weight_norm,
             drop_below=cfg.drop_below, teacher_prior_reference=cfg.teacher_prior_reference,
-            source_contrast=cfg.source_contrast, source_contrast_norm=cfg.source_contrast_norm)
+            source_contrast=cfg.source_contrast)
         if cfg.source_contrast in (None, "auto") and resolved["source_contrast"] == "once" and \
                 len(utils.split_paths(str(cfg.data))) > 1:
             resolved["source_contrast"] = "batch"  # one value per pair of one split: not for sharded data
@@ -188,8 +184,6 @@ class ReweightedTranslationTask(TranslationTask):
                              "source_contrast (its "
                              f"--teacher-inputs are {cfg.teacher_inputs or 'none'}): drop it, or add source_contrast "
                              "to --teacher-inputs (--reweight-method deep)")
-        if cfg.source_contrast_norm not in ("token", "sqrt_length"):
-            raise ValueError(f"--source-contrast-norm must be token or sqrt_length, got {cfg.source_contrast_norm!r}")
         if cfg.teacher_prior_reference not in ("train", "meta"):
             raise ValueError(f"--teacher-prior-reference must be train or meta, got {cfg.teacher_prior_reference!r}")
         if cfg.teacher_prior_reference == "meta" and not cfg.teacher_prior:
@@ -303,7 +297,8 @@ class ReweightedTranslationTask(TranslationTask):
             return
         if self.contrast is not None and self.cfg.teacher_prior == "source_contrast":  # the corpus pass's, once
             if self.contrast.reference_pending:
-                self.reweighter.add_reference(meta_reference(self, self.contrast.meta))
+                meta = self.contrast.meta[scored(self.contrast.meta)]
+                self.reweighter.add_reference(meta[:, 0] - meta[:, 1])
                 self.contrast.reference_pending = False
             return
         if meta is None:
@@ -317,8 +312,7 @@ class ReweightedTranslationTask(TranslationTask):
                 inner.eval()
                 try:
                     out = criterion.per_sentence(inner, meta)
-                    contrast = statistic(criterion.source_contrast(inner, meta, out), out.mask.sum(1),
-                                         self.cfg.source_contrast_norm)
+                    contrast = criterion.source_contrast(inner, meta, out)
                 finally:
                     inner.train(was_training)
             else:
@@ -389,8 +383,6 @@ class ReweightedTranslationTask(TranslationTask):
         criterion.source_contrast where ``source_contrast`` is; None for a method without a teacher."""
         if not self.inputs:
             return None
-        if contrast is not None:
-            contrast = statistic(contrast, out.mask.sum(1), self.cfg.source_contrast_norm)
         batch = Batch(out, sample, contrast, self._progress(update_num))
         if self.cfg.teacher_prior and self.reweighter.teacher_prior is None:
             self.reweighter.teacher_prior = inputs.column(self.inputs, FEATURES, batch, self.cfg.teacher_prior)

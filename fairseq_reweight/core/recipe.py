@@ -25,12 +25,11 @@ TUNED_DEEP = {"meta_refresh": 4, "meta_ema": 0.9, "max_weight": 2.0, "meta_preco
               "teacher_inputs": "states,token_stats,source_contrast,progress", "warmup_fraction": 1 / 3,
               "teacher_prior": "source_contrast", "teacher_prior_scale": 4.0, "teacher_lr": 1e-4,
               "weight_norm": "running", "drop_below": 0.25, "teacher_prior_reference": "meta",
-              "source_contrast": "once", "source_contrast_norm": "token"}
+              "source_contrast": "once"}
 PLAIN = {"meta_refresh": 1, "meta_ema": 0.0, "max_weight": None, "meta_precondition": "none",
          "teacher_inputs": "states,token_stats,progress", "warmup_fraction": 0.0,
          "teacher_prior": "", "teacher_prior_scale": 2.0, "teacher_lr": 1e-3, "weight_norm": "batch",
-         "drop_below": 0.0, "teacher_prior_reference": "train", "source_contrast": "batch",
-         "source_contrast_norm": "token"}
+         "drop_below": 0.0, "teacher_prior_reference": "train", "source_contrast": "batch"}
 # images (Fashion-MNIST, 40 % uniform noise, 2 seeds, examples/image/max_weight/): the deep teacher capped at 2
 # and decayed (+3.2 points over none, weight AUC 0.93/0.94; uncapped and undecayed: AUC 0.87/0.79); with the cheap
 # meta-gradient (--meta-grad fast on the last stage, the image default) a fresh meta direction every 8 updates,
@@ -58,8 +57,7 @@ def resolve(recipe: str, method: str, meta_grad: str, max_update: int, *, meta_r
             reweight_warmup: Optional[int] = None, teacher_prior: str = "auto",
             teacher_prior_scale: Optional[float] = None, teacher_lr: Optional[float] = None,
             weight_norm: Optional[str] = None, drop_below: Optional[float] = None,
-            teacher_prior_reference: str = "auto", source_contrast: str = "auto",
-            source_contrast_norm: str = "auto") -> dict:
+            teacher_prior_reference: str = "auto", source_contrast: str = "auto") -> dict:
     """The values of the recipe-dependent flags: the explicit ones (not None / "auto") as given, the others
     from the recipe. ``max_weight`` 0 means no cap, ``drop_below`` 0 no drop (None out); ``teacher_prior`` "none" means no prior. Flags of
     ``--meta-grad fast`` only stay plain with fd/exact, and ``teacher_lr`` stays unset for methods without a
@@ -96,8 +94,6 @@ def resolve(recipe: str, method: str, meta_grad: str, max_update: int, *, meta_r
         out["source_contrast"] = default["source_contrast"] if reads else "batch"
     else:
         out["source_contrast"] = str(source_contrast)
-    out["source_contrast_norm"] = (default["source_contrast_norm"] if source_contrast_norm in (None, "auto")
-                                   else str(source_contrast_norm))
     return out
 
 
