@@ -163,8 +163,8 @@ def directional_fd(losses: Callable[[Dict[str, torch.Tensor]], torch.Tensor], pa
     vnorm, pnorm = _norm(v), _norm(params.values())
     with torch.no_grad():
         if not torch.isfinite(vnorm) or vnorm == 0:
-            base = losses({n: params[n].detach() for n in names})
-            return torch.full_like(base, float("nan") if not torch.isfinite(vnorm) else 0.0)
+            like = base if base is not None else losses({n: params[n].detach() for n in names})
+            return torch.full_like(like, float("nan") if not torch.isfinite(vnorm) else 0.0)
         h = float(fd_eps * pnorm.clamp_min(1.0) / vnorm)
         plus = losses({n: params[n].detach() + h * d for n, d in zip(names, v)})
         if base is not None:

@@ -18,7 +18,7 @@ statistics (train mode, on copies of the BatchNorm buffers) -- so the coupling o
 ``--meta-grad fd``. No per-example gradients, no second backward: in training one forward of the tail (a third of
 a ResNet-32's forward for its last stage), differenced against the training forward's own losses (a forward
 difference; on Fashion-MNIST its products correlate 1.000 with the central difference's, relative error 1-3 %,
-the same clean/noisy AUC: examples/performance/image_fmnist_resnet32_s29.md); without those losses, two replays
+the same clean/noisy AUC: examples/image/session29/README.md); without those losses, two replays
 (a central difference). The meta direction is the meta loss's gradient on the tail's parameters,
 from one meta forward whose backward stops at the tail (every other parameter frozen).
 
