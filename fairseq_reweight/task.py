@@ -237,6 +237,9 @@ class ReweightedTranslationTask(TranslationTask):
                                   lookahead=lambda: self._lookahead(inner, criterion, sample, device))
         self._reference(inner, criterion, self._meta_seen)  # after s.weights: the teacher exists (also on a resume)
         loss = (weights.to(out.loss.dtype) * out.loss).sum() * (0.0 if ignore_grad else 1.0)
+        logging_output = criterion.logging_output(model, sample, out, weights)
+        # the [B, T, vocab] logits are not needed by the backward (plain fairseq has freed them by then)
+        out = out._replace(net_output=None)
         with torch.autograd.profiler.record_function("backward"):
             optimizer.backward(loss)
         s.after_backward(weights, info)
@@ -244,7 +247,6 @@ class ReweightedTranslationTask(TranslationTask):
         if self.reweighter.has_teacher and not self._restored and self.reweighter.teacher is not None:
             self._restored = True
             logger.info("teacher initialised fresh (no teacher state restored from a checkpoint)")
-        logging_output = criterion.logging_output(model, sample, out, weights)
         if not ignore_grad:
             if self.drop is not None and update_num >= self.reweighter.warmup:
                 self.drop.record(sample["id"], weights)

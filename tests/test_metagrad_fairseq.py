@@ -451,3 +451,40 @@ def test_meta_precondition_errors(tiny_data, extra, message):
         optimizer = optim.build_optimizer(cfg.optimizer, list(model.parameters()))
         task._meta_dataset()
         task.train_step(first_batch(task, "train", model), model, criterion, optimizer, 0)
+
+
+@pytest.mark.parametrize("method", ["none", "deep"])
+def test_train_step_frees_the_logits_before_the_backward(tiny_data, method):
+    """The [B, T, vocab] logits are the largest tensor of a forward and the backward does not need them (plain
+    fairseq's criterion has dropped them when the trainer calls backward); train_step must not keep them alive
+    through the student's backward either (they were most of deep's extra peak memory)."""
+    import weakref
+
+    from fairseq import optim
+
+    torch.manual_seed(0)
+    cfg, task, model, criterion = build(tiny_data, method=method, extra=("--reweight-recipe", "tuned",
+                                                                         "--reweight-warmup", "0", "--optimizer", "adam",
+                                                                         "--lr", "1e-3"))
+    optimizer = optim.build_optimizer(cfg.optimizer, list(model.parameters()))
+    logits, alive = [], []
+    per_sentence, backward = criterion.per_sentence, optimizer.backward
+
+    def recording(*args, **kwargs):
+        out = per_sentence(*args, **kwargs)
+        if out.net_output[0].requires_grad:  # the training forward (not the meta batch's or the contrast's)
+            logits.append(weakref.ref(out.net_output[0]))
+        return out
+
+    def checking(loss):
+        alive.append(logits[-1]() is not None)
+        return backward(loss)
+
+    criterion.per_sentence, optimizer.backward = recording, checking
+    task._meta_dataset()
+    sample = first_batch(task, "train", model)
+    for update in range(2):
+        task.train_step(sample, model, criterion, optimizer, update)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert len(alive) == 2 and not any(alive), alive
