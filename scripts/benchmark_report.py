@@ -56,6 +56,22 @@ def final_updates(log_path: Path):
     return int(found[-1]) if found else None
 
 
+def filter_seconds(runs: Path, cond: str, method: str, seed: str):
+    """What a filter-* run costs before its retraining: the scoring of the train split, plus for dual-xent the
+    backward model's training (the forward scorer is a checkpoint the table has anyway: the shared warm-up or the
+    none run). None when not on disk."""
+    d = runs / cond / method / f"seed{seed}"
+    timing = load_json(d / "score_time.json") or {}
+    if not method.startswith("filter-") or timing.get("score_seconds") is None:
+        return None
+    if method != "filter-dual-xent":
+        return timing["score_seconds"]
+    backward = [Path(timing["backward_dir"])] if timing.get("backward_dir") else \
+        sorted((runs / cond).glob(f"backward*/seed{seed}"))  # runs scored before the runner recorded it
+    wall = (load_json(backward[0] / "train_time.json") or {}).get("wall_seconds") if len(backward) == 1 else None
+    return None if wall is None else timing["score_seconds"] + wall
+
+
 def load_json(path: Path):
     try:
         return json.loads(path.read_text())
@@ -157,7 +173,8 @@ def main(argv=None):
                 spu, timed, last = seconds_per_update(d / "train.log")
                 R[c, m, s] = {"dir": d, "bleu": bleu, "ana": ana, "spu": spu, "updates": final_updates(d / "train.log"),
                               "wall": (load_json(d / "train_time.json") or {}).get("wall_seconds"),
-                              "filter": load_json(d / "filter_analysis.json")}
+                              "filter": load_json(d / "filter_analysis.json"),
+                              "filter_s": filter_seconds(runs, c, m, s)}
     cond_name = {"clean": "clean", "noisy": f"{args.noise}{float(args.noise_rate):g}"}
     carried = []
     if args.carry:
@@ -168,7 +185,8 @@ def main(argv=None):
                 R[key].update(bleu={"bleu": row["bleu"], "chrf": row.get("chrf"),
                                     **{k: row[k] for k in ("bleu_signature", "chrf_signature") if k in row}},
                               updates=None,
-                              spu=row.get("s_per_update"), wall=row.get("train_wall_s"))
+                              spu=row.get("s_per_update"), wall=row.get("train_wall_s"),
+                              filter_s=row.get("filter_seconds"))
                 if row.get("auc") is not None:  # a filter's AUC is its score's; a method's, its weights'
                     if key[1].startswith("filter-"):
                         R[key]["filter"] = {"auc": row["auc"]}
@@ -251,9 +269,12 @@ def main(argv=None):
     L.append("Wall-clock seconds per update from the timestamps of fairseq's log lines (validation and "
              f"checkpointing excluded), mean over seeds; the ratio is to `none` in the same condition. "
              f"{args.threads} CPU thread(s) per run, {args.jobs} run(s) at a time"
-             + (" (the seeds of one method side by side)." if int(args.jobs) > 1 else ".") + "\n")
-    L.append("| method | " + " | ".join(f"{label[c]}: s/update | ratio" for c in conds) + " | train wall (min, mean) |")
-    L.append("|---|" + "---|---|" * len(conds) + "---|")
+             + (" (the seeds of one method side by side)." if int(args.jobs) > 1 else ".") + " *Filter cost*: what a "
+             "filter-* run spends before retraining, the scoring of the train split and, for dual-xent, the backward "
+             "model's training (its forward scorer, the shared warm-up or the none run, is not counted again).\n")
+    L.append("| method | " + " | ".join(f"{label[c]}: s/update | ratio" for c in conds)
+             + " | train wall (min, mean) | filter cost (min, mean) |")
+    L.append("|---|" + "---|---|" * len(conds) + "---|---|")
     base = {c: mean_sd([R[c, "none", s]["spu"] for s in seeds])[0] if "none" in methods else None for c in conds}
     for m in methods:
         cells = []
@@ -263,7 +284,9 @@ def main(argv=None):
             cells += [f"{spu:.3f}" if spu is not None else "–", f"{ratio:.2f}×" if ratio is not None else "–"]
         walls = [get(c, m, s)["wall"] for c in conds for s in seeds if get(c, m, s)["wall"]]
         wall = f"{statistics.mean(walls) / 60:.1f}" if walls else "–"
-        L.append(f"| {m} | " + " | ".join(cells) + f" | {wall} |")
+        fcost = [get(c, m, s).get("filter_s") for c in conds for s in seeds if get(c, m, s).get("filter_s")]
+        fcost = f"{statistics.mean(fcost) / 60:.1f}" if fcost else "–"
+        L.append(f"| {m} | " + " | ".join(cells) + f" | {wall} | {fcost} |")
     L.append("")
 
     # plots: combined AUC curves (first seed with data) + each method's histogram / curve
@@ -322,6 +345,7 @@ def main(argv=None):
         if a is not None and not m.startswith("filter-"):
             row.update({f: r["ana"][k] for f, k in CARRIED if r["ana"].get(k) is not None})
         row.update({k: v for k, v in (("s_per_update", r.get("spu")), ("train_wall_s", r.get("wall")),
+                                      ("filter_seconds", r.get("filter_s")),
                                       ("bleu_signature", r["bleu"].get("bleu_signature")),
                                       ("chrf_signature", r["bleu"].get("chrf_signature"))) if v is not None})
         rows.append(row)

@@ -171,7 +171,7 @@ prepare_filter() {  # COND METHOD SEED
     python -m fairseq_reweight.score "$data" --path "$ck" --score "$score" "${extra[@]}" --out "$dir/scores.tsv" \
         --keep "$FILTER_KEEP" --keep-list "$dir/keep.txt" --no-progress ${GPU:+} $( [[ -z "$GPU" ]] && echo --cpu ) \
         > "$dir/score.stdout" 2>&1 || { tail -20 "$dir/score.stdout" >&2; die "scoring for $cond/$method/seed$seed failed"; }
-    echo "{\"score_seconds\": $(( $(date +%s) - t0 ))}" > "$dir/score_time.json"
+    echo "{\"score_seconds\": $(( $(date +%s) - t0 ))${bdir:+, \"backward_dir\": \"$bdir\"}}" > "$dir/score_time.json"
     python - "$dir/scores.tsv" "$data/train.flags" "$dir/filter_analysis.json" <<'PY'
 import json, sys
 import numpy as np

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -561,6 +562,22 @@ def test_benchmark_report_and_dry_run(tmp_path):
                       "w_clean": 1.3, "s_per_update": 0.6})
     assert has(rows, {"method": "mwnet", "seed": 1, "bleu": 23.0})  # outside this table: kept, not lost
     assert not has(rows, {"method": "deep", "seed": 1, "bleu": 1.0})  # the run on disk wins
+    # a filter's cost before its retraining: the scoring, and for dual-xent the backward model's training
+    (d / "score_time.json").write_text(json.dumps({"score_seconds": 300}))
+    dx, bdir = runs / "noisy" / "filter-dual-xent" / "seed1", runs / "noisy" / "backward400" / "seed1"
+    for x in (dx, bdir, runs / "noisy" / "backward1060" / "seed1"):
+        x.mkdir(parents=True)
+    (dx / "bleu_test.json").write_text((d / "bleu_test.json").read_text())
+    (dx / "score_time.json").write_text(json.dumps({"score_seconds": 120, "backward_dir": str(bdir)}))
+    (bdir / "train_time.json").write_text(json.dumps({"wall_seconds": 600}))
+    fres = tmp_path / "res_filter"
+    sh([sys.executable, SCRIPTS / "benchmark_report.py", "--runs-dir", runs, "--results-dir", fres,
+        "--methods", "none filter-loss filter-dual-xent", "--seeds", "1", "--conditions", "noisy"])
+    rows = json.loads((fres / "results.json").read_text())
+    assert has(rows, {"method": "filter-loss", "seed": 1, "filter_seconds": 300})
+    assert has(rows, {"method": "filter-dual-xent", "seed": 1, "filter_seconds": 720})
+    md = (fres / "RESULTS.md").read_text()
+    assert re.search(r"\| filter-loss \|[^\n]*\| 5\.0 \|\n", md) and re.search(r"\| filter-dual-xent \|[^\n]*\| 12\.0 \|\n", md)
 
     # a fresh machine: the runner's --report-only --carry rebuilds the table from the recorded results alone
     sh([SCRIPTS / "run_multi30k_benchmark.sh", "--report-only", "--carry", "--runs-dir", tmp_path / "fresh",
