@@ -11,13 +11,15 @@ augmentation) and scores every image by the first-order meta-gradient ``s_i = <d
 * ``exact:stage,fc``, ``exact:fc``  the same restricted to the last stage's convolutions + classifier / the
   classifier;
 * ``replay:stage``  the image default (the last stage + classifier replayed, core/replay.py), by a central
-  difference and by a forward one from the training losses;
+  difference and by a forward one from the training losses; ``replay:block`` the tail from the last residual
+  block on (``--meta-params block``), one-sided;
 * ``probe:fc``, ``probe:stage,fc``, ``probe:all``  as ``--meta-grad fast --meta-params ...`` computes it (the
   student's backward at each probed output, divided by the example's weight), with uniform weights and with
   weights ``--probe-weights`` (clean / noisy: what a teacher that already separates them gives; the division
   by a small weight is where BatchNorm's coupling hurts),
 
-with the meta direction of the whole meta set and of one meta batch. Prints and writes (``--out``) the AUC of
+with the meta direction of the whole meta set and of one meta batch (the replays also with half a meta batch,
+``--meta-batch-size`` half the batch). Prints and writes (``--out``) the AUC of
 each score as a detector of clean labels (1: every clean image above every noisy one; 0.5: chance), and of
 −loss for reference.
 
@@ -48,16 +50,21 @@ def _functional(model, params, x):
 
 
 def meta_direction(model, meta_x, meta_y, batch: int):
-    """dL_meta/dθ (all parameters) averaged over the meta set in batches of ``batch``, and of its first batch."""
+    """dL_meta/dθ (all parameters) averaged over the meta set in batches of ``batch``, of its first batch, and of
+    the first half of that batch (--meta-batch-size batch/2)."""
     params = dict(model.named_parameters())
+
+    def grad(x, y):
+        loss = F.cross_entropy(_functional(model, params, x), y)
+        return dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+
     total, first, n = None, None, 0
     for s in range(0, len(meta_y), batch):
-        loss = F.cross_entropy(_functional(model, params, meta_x[s:s + batch]), meta_y[s:s + batch])
-        g = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+        g = grad(meta_x[s:s + batch], meta_y[s:s + batch])
         first = first or g
         total = g if total is None else {k: total[k] + g[k] for k in g}
         n += 1
-    return {k: v / n for k, v in total.items()}, first
+    return {k: v / n for k, v in total.items()}, first, grad(meta_x[:batch // 2], meta_y[:batch // 2])
 
 
 def exact_dots(model, x, y, direction, names):
@@ -80,16 +87,18 @@ def probe_dots(model, probe: LayerProbe, x, y, direction, weights):
     return probe.example_dots(v, len(y)) / weights
 
 
-def replay_dots(model, x, y, direction, dname, losses):
+def replay_dots(model, x, y, direction, dname, losses, part="stage"):
     """What the image default computes (the last stage + classifier replayed from its recorded input,
-    core/replay.py), by a central difference (two replays) and a forward one from the training losses (one)."""
-    tail = student.probe_layers(model, "stage", labels=lambda: y)
+    core/replay.py), by a central difference (two replays) and a forward one from the training losses (one);
+    ``part="block"``: the tail from the last residual block on (--meta-params block), one-sided only."""
+    tail = student.probe_layers(model, part, labels=lambda: y)
     names = {id(p): n for n, p in model.named_parameters()}
     v = {k: direction[names[id(p)]] for k, p in tail.parameters().items()}
     with tail.watch(), torch.no_grad():
         _functional(model, dict(model.named_parameters()), x)
-    return {f"replay:stage central ({dname})": tail.example_dots(v, len(y)),
-            f"replay:stage one-sided ({dname})": tail.example_dots(v, len(y), base=losses)}
+    one_sided = {f"replay:{part} one-sided ({dname})": tail.example_dots(v, len(y), base=losses)}
+    return one_sided if part != "stage" else {f"replay:stage central ({dname})": tail.example_dots(v, len(y)),
+                                               **one_sided}
 
 
 def main(argv=None):
@@ -106,7 +115,7 @@ def main(argv=None):
     model.train()
     gen = torch.Generator().manual_seed(args.seed)
     meta_x = tr.augment.normalize(tr.meta_x)
-    full, one = meta_direction(model, meta_x, tr.meta_y, cfg.batch_size)
+    full, one, half = meta_direction(model, meta_x, tr.meta_y, cfg.batch_size)
     last = f"stages.{len(model.stages) - 1}."
     layer_sets = {k: [(n, m, 0) for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
                       and (n == "fc" or (k == "stage,fc" and n.startswith(last)) or k == "all")]
@@ -132,6 +141,9 @@ def main(argv=None):
                 w = torch.where(noisy, torch.tensor(wn), torch.tensor(wc))
                 rows[f"probe:{k} weighted ({dname})"] = probe_dots(model, probes[k], x, y, d, w)
             rows.update(replay_dots(model, x, y, d, dname, loss))
+            rows.update(replay_dots(model, x, y, d, dname, loss, part="block"))
+        for part in ("stage", "block"):  # the default's product with a meta batch of half the size
+            rows.update(replay_dots(model, x, y, half, "half a meta batch", loss, part=part))
         for k, v in rows.items():
             scores.setdefault(k, []).append(v.detach().numpy())
     clean = np.concatenate(clean)
