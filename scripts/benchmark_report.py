@@ -164,8 +164,8 @@ def main(argv=None):
     R = {}
     for c in conds:
         for m in methods:
-            if m == "perfect" and c != "noisy":
-                continue  # the noisy condition's reference only
+            if (m == "perfect" or m.startswith("filter-")) and c != "noisy":
+                continue  # the noisy condition's reference and filters only
             for s in seeds:
                 d = runs / c / m / f"seed{s}"
                 bleu = load_json(d / "bleu_test.json")

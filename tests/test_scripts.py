@@ -572,11 +572,12 @@ def test_benchmark_report_and_dry_run(tmp_path):
     (bdir / "train_time.json").write_text(json.dumps({"wall_seconds": 600}))
     fres = tmp_path / "res_filter"
     sh([sys.executable, SCRIPTS / "benchmark_report.py", "--runs-dir", runs, "--results-dir", fres,
-        "--methods", "none filter-loss filter-dual-xent", "--seeds", "1", "--conditions", "noisy"])
+        "--methods", "none filter-loss filter-dual-xent", "--seeds", "1", "--conditions", "clean noisy"])
     rows = json.loads((fres / "results.json").read_text())
     assert has(rows, {"method": "filter-loss", "seed": 1, "filter_seconds": 300})
     assert has(rows, {"method": "filter-dual-xent", "seed": 1, "filter_seconds": 720})
     md = (fres / "RESULTS.md").read_text()
+    assert "clean/filter-" not in md  # filters are runs of the noisy condition only, never missing on clean
     assert re.search(r"\| filter-loss \|[^\n]*\| 5\.0 \|\n", md) and re.search(r"\| filter-dual-xent \|[^\n]*\| 12\.0 \|\n", md)
 
     # a fresh machine: the runner's --report-only --carry rebuilds the table from the recorded results alone
