@@ -680,3 +680,20 @@ def test_train_image_paper_script_runs_the_mwnet_protocol_with_the_defaults(tmp_
         (0.1, 0.9, 5e-4, 4, [80, 100])
     assert (cfg["max_weight"], cfg["teacher_weight_decay"]) == (2.0, 3.0)  # the tuned recipe
     assert log["summary"]["finished"] and log["summary"]["meta_images"] == 100
+
+
+def test_compare_targets_pair_the_seeds_both_methods_have(tmp_path):
+    """deep on seed 1 only against mwnet on seeds 1 and 2: the check compares seed 1 with seed 1 (a mean over
+    other seeds would call a loss on every common seed a win)."""
+    from fairseq_reweight.image import compare
+
+    def row(method, seed, acc):
+        return {"method": method, "noise": "flip0.4", "seed": seed, "acc": acc, "auc": None if method == "none" else 0.9,
+                "best_acc": acc, "best_epoch": 25, "sec_per_iter": 1.0, "meta_grad": "fast"}
+
+    rows = [row("none", 1, 67.0), row("none", 2, 64.0), row("mwnet", 1, 81.5), row("mwnet", 2, 56.7),
+            row("deep", 1, 79.9)]
+    text = "\n".join(compare.noise_section(compare.Noise("flip", 0.4), rows, {}, ["none", "mwnet", "deep"], [1, 2],
+                                           tmp_path, tmp_path))
+    assert "- [ ] last-epoch accuracy of deep >= mwnet (79.90 vs 81.50; seeds 1)" in text
+    assert "- [x] last-epoch accuracy of deep >= none + 3 (79.90 vs 70.00; seeds 1)" in text
