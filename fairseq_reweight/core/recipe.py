@@ -35,8 +35,10 @@ PLAIN = {"meta_refresh": 1, "meta_ema": 0.0, "max_weight": None, "meta_precondit
 # meta-gradient (--meta-grad fast on the last stage, the image default) a fresh meta direction every 4 updates,
 # averaged with decay 0.9 (every 8 costs 1.1x instead of 1.25-1.35x plain time, but lost 0.6 and 2.1 points on 40 %
 # uniform noise, seeds 1 and 2: examples/image/session29/)
-TUNED_DEEP_IMAGE = {"max_weight": 2.0, "teacher_weight_decay": 3.0, "meta_refresh": 4, "meta_ema": 0.9}
-PLAIN_IMAGE = {"max_weight": None, "teacher_weight_decay": 0.0, "meta_refresh": 1, "meta_ema": 0.0}
+TUNED_DEEP_IMAGE = {"max_weight": 2.0, "teacher_weight_decay": 3.0, "meta_refresh": 4, "meta_ema": 0.9,
+                    "teacher_prior": "none", "teacher_prior_scale": 2.0}
+PLAIN_IMAGE = {"max_weight": None, "teacher_weight_decay": 0.0, "meta_refresh": 1, "meta_ema": 0.0,
+               "teacher_prior": "none", "teacher_prior_scale": 2.0}
 # the teacher's inputs of the other methods (their published forms): MW-Net reads the loss; l2rw/none have no teacher
 OTHER_INPUTS = {"mwnet": "loss"}
 
@@ -99,9 +101,10 @@ def resolve(recipe: str, method: str, meta_grad: str, max_update: int, *, meta_r
 
 def resolve_image(recipe: str, method: str, meta_grad: str = "fast", *, max_weight: Optional[float] = None,
                   teacher_weight_decay: Optional[float] = None, weight_norm: Optional[str] = None,
-                  meta_refresh: Optional[int] = None, meta_ema: Optional[float] = None) -> dict:
+                  meta_refresh: Optional[int] = None, meta_ema: Optional[float] = None,
+                  teacher_prior: Optional[str] = "auto", teacher_prior_scale: Optional[float] = None) -> dict:
     """The image trainer's recipe-dependent flags (as :func:`resolve`: explicit values win, 0 = no cap; the flags
-    of ``--meta-grad fast`` stay plain with fd/exact)."""
+    of ``--meta-grad fast`` stay plain with fd/exact; the prior only for ``deep``)."""
     _check(recipe)
     base = TUNED_DEEP_IMAGE if (recipe == "tuned" and method == "deep") else PLAIN_IMAGE
     fast = meta_grad == "fast"
@@ -110,7 +113,10 @@ def resolve_image(recipe: str, method: str, meta_grad: str = "fast", *, max_weig
             if teacher_weight_decay is None else teacher_weight_decay,
             "weight_norm": "batch" if weight_norm is None else str(weight_norm),
             "meta_refresh": (base["meta_refresh"] if fast else 1) if meta_refresh is None else meta_refresh,
-            "meta_ema": (base["meta_ema"] if fast else 0.0) if meta_ema is None else meta_ema}
+            "meta_ema": (base["meta_ema"] if fast else 0.0) if meta_ema is None else meta_ema,
+            "teacher_prior": (base["teacher_prior"] if method == "deep" else "none")
+            if teacher_prior in (None, "auto") else str(teacher_prior),
+            "teacher_prior_scale": base["teacher_prior_scale"] if teacher_prior_scale is None else teacher_prior_scale}
 
 
 def describe(values: dict) -> str:

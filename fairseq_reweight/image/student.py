@@ -60,6 +60,11 @@ def teacher_features(method: str, out: StudentOutput, labels: torch.Tensor, num_
     return torch.cat([out.states[i].float() for i in layers] + [loss, label, prog], 1)
 
 
+def loss_column(features: torch.Tensor, method: str, num_classes: int) -> int:
+    """The index of the loss among the teacher's inputs (:func:`teacher_features`): the last standardised one."""
+    return features.shape[1] - passthrough(method, num_classes) - 1
+
+
 def passthrough(method: str, num_classes: int) -> int:
     """Trailing feature columns the teacher should not standardise: the one-hot label and the progress."""
     return num_classes + 1 if method == "deep" else 0

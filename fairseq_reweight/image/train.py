@@ -36,7 +36,10 @@ from .noise import balanced_split, check_rate, corrupt
 CHECKPOINT_VERSION = 1
 # settings a resumed run must share with its checkpoint
 RESUME_KEYS = ("dataset", "noise", "noise_rate", "meta_size", "train_size", "data_seed", "arch", "augment", "crop_pad",
-               "batch_size", "reweight_method", "teacher_states", "teacher_hidden")
+               "batch_size", "reweight_method", "teacher_states", "teacher_hidden", "teacher_prior")
+# what a checkpoint written before a setting existed ran with
+RESUME_LEGACY = {"teacher_prior": "none"}
+TEACHER_PRIORS = ("none", "loss")
 
 
 _R = ReweightConfig.__annotations__
@@ -77,6 +80,9 @@ class TrainConfig(ReweightConfig):
     teacher_weight_decay: Optional[float] = _like("teacher_weight_decay", None)
     reweight_warmup: _R["reweight_warmup"] = _like("reweight_warmup", 0)
     meta_precondition: _R["meta_precondition"] = _like("meta_precondition", "none")
+    # image-only: the teacher starts from the example's loss (the lower, the higher its weight); resolve_image
+    teacher_prior: str = "auto"
+    teacher_prior_scale: Optional[float] = None
     # run
     save_dir: str = "runs/image"
     resume: bool = False
@@ -91,9 +97,16 @@ def check_config(cfg: TrainConfig) -> None:
     m = cfg.reweight_method
     for k, v in recipe.resolve_image(str(cfg.reweight_recipe), str(m), str(cfg.meta_grad), max_weight=cfg.max_weight,
                                      teacher_weight_decay=cfg.teacher_weight_decay, weight_norm=cfg.weight_norm,
-                                     meta_refresh=cfg.meta_refresh, meta_ema=cfg.meta_ema).items():
+                                     meta_refresh=cfg.meta_refresh, meta_ema=cfg.meta_ema,
+                                     teacher_prior=cfg.teacher_prior,
+                                     teacher_prior_scale=cfg.teacher_prior_scale).items():
         setattr(cfg, k, v)
     cfg.validate()
+    if cfg.teacher_prior not in TEACHER_PRIORS:
+        raise ValueError(f"--teacher-prior must be one of {', '.join(TEACHER_PRIORS)}, got {cfg.teacher_prior!r}")
+    if cfg.teacher_prior != "none" and m != "deep":
+        raise ValueError(f"--teacher-prior {cfg.teacher_prior} is a prior of the deep teacher; --reweight-method {m} "
+                         "keeps its published form: drop it, or use --reweight-method deep")
     if str(cfg.meta_precondition) == "adam":
         raise ValueError("--meta-precondition adam needs an Adam student; the image student is SGD: drop it")
     if m != "none" and cfg.meta_size <= 0:
@@ -166,7 +179,9 @@ class Trainer:
                                      all_reduce=_all_reduce_sum if self.world > 1 else None, world_size=self.world,
                                      seed=cfg.seed, max_weight=cfg.max_weight,
                                      teacher_weight_decay=cfg.teacher_weight_decay, warmup=cfg.reweight_warmup or 0,
-                                     weight_norm=str(cfg.weight_norm))
+                                     weight_norm=str(cfg.weight_norm),
+                                     # a low loss gets a high weight: the loss column enters the logit negated
+                                     teacher_prior_scale=-cfg.teacher_prior_scale)
         self.layers = (student.parse_teacher_states(cfg.teacher_states, self.model.num_states)
                        if cfg.reweight_method == "deep" else [])
         student.probe_layers(self.model, cfg.meta_params)  # a bad --meta-params fails here, not at the first update
@@ -320,6 +335,8 @@ class Trainer:
         with s.forward(self.device):
             out = student.forward(self.net, x, y, states=bool(self.layers))
         feats = student.teacher_features(cfg.reweight_method, out, y, self.num_classes, self.layers, progress)
+        if cfg.teacher_prior == "loss" and self.reweighter.teacher is None:  # set before the teacher is built
+            self.reweighter.teacher_prior = student.loss_column(feats, cfg.reweight_method, self.num_classes)
         w, info = s.weights(step, feats, out.losses, lr=cfg.meta_lr if cfg.meta_lr is not None else lr,
                             denom=float(n), lookahead=lambda: student.lookahead(self.model, x, y, *self._meta_batch()))
         loss = (w * out.losses).sum() / n
@@ -415,8 +432,8 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no checkpoint at {path} (drop --resume to start a fresh run)")
         state = torch.load(path, map_location=self.device, weights_only=True)
         old = state["config"]
-        diff = [f"--{k.replace('_', '-')} {old.get(k)} -> {getattr(self.cfg, k)}" for k in RESUME_KEYS
-                if old.get(k) != getattr(self.cfg, k)]
+        diff = [f"--{k.replace('_', '-')} {old.get(k, RESUME_LEGACY.get(k))} -> {getattr(self.cfg, k)}"
+                for k in RESUME_KEYS if old.get(k, RESUME_LEGACY.get(k)) != getattr(self.cfg, k)]
         if diff:
             raise ValueError(f"--resume: {path} was trained with other settings ({'; '.join(diff)}); use the "
                              "same settings or another --save-dir")
