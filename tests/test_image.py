@@ -516,6 +516,7 @@ def test_cli_flag_errors(fashion, tmp_path, capsys):
         ("mwnet", ["--max-weight", "0.5"], "--max-weight must be > 1"),
         ("none", ["--resume"], "no checkpoint"),
         ("none", ["--data-dir", str(tmp_path / "void")], "apt-get install"),
+        ("mwnet", ["--teacher-prior", "loss"], "keeps its published form"),
     ]:
         with pytest.raises(SystemExit):
             main(tiny_args(fashion, tmp_path / "e", method, *extra))
@@ -576,6 +577,30 @@ def test_deep_teacher_separates_flipped_labels(tmp_path):
     log = json.loads((tmp_path / "run" / "log.json").read_text())
     assert log["epochs"][0]["weight_auc"] < 0.7  # it is learned: the teacher starts near uniform weights
     assert log["epochs"][-1]["w_noisy"] < 0.5 * log["epochs"][-1]["w_clean"]
+
+
+def test_loss_prior_ranks_by_the_loss_from_the_first_update(fashion, tmp_path):
+    """--teacher-prior loss: before the teacher has learned anything (its MLP starts at zero; a negligible teacher
+    lr keeps it there) the weights of every batch fall as the example's loss rises; without the prior they are all
+    one. The prior's scale is saved with the teacher, and resuming without the prior is refused."""
+    def run(name, *extra):
+        dump = tmp_path / f"{name}.tsv"
+        main(tiny_args(fashion, tmp_path / name, "deep", "--teacher-lr", "1e-12", "--teacher-weight-decay", "0",
+                       "--dump-weights", str(dump), *extra))
+        return np.loadtxt(dump, skiprows=1).reshape(10, 20, 4)  # update, id, weight, loss
+
+    rows = run("prior", "--teacher-prior", "loss")
+    for batch in rows:
+        order = np.argsort(batch[:, 3])
+        w = batch[order, 2]
+        assert (np.diff(w) <= 1e-6).all() and w[0] > w[-1] + 0.1
+    assert np.allclose(run("plain")[0, :, 2], 1.0)
+    saved = torch.load(tmp_path / "prior" / "checkpoint_last.pt", weights_only=True)
+    assert saved["config"]["teacher_prior"] == "loss"
+    assert float(saved["reweighter"]["teacher"]["prior_scale"]) == pytest.approx(-2.0, abs=1e-6)
+    with pytest.raises(ValueError, match="--teacher-prior loss -> none"):
+        Trainer(parse_config(tiny_args(fashion, tmp_path / "prior", "deep", "--epochs", "2", "--resume",
+                                       "--teacher-prior", "none")))
 
 
 def test_compare_writes_results_and_skips_finished_runs(fashion, tmp_path, capsys):
