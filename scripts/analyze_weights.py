@@ -157,9 +157,10 @@ def length_bias(ids, weights, flags, lengths, last, buckets=5):
     return out
 
 
-def read_left_out(path, n):
-    """``[n]`` bool: the training sentences ``--drop-below`` had left out by the checkpoint ``path`` (None: the
-    run had no --drop-below)."""
+def read_task_state(path, n):
+    """``(left_out, contrast)`` from the checkpoint ``path``: ``[n]`` bool, the training sentences ``--drop-below``
+    had left out (None: the run had no --drop-below), and ``[n]`` float, the source contrast of the corpus pass
+    (``--source-contrast once``) the teacher read (None: the run had none)."""
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -169,14 +170,29 @@ def read_left_out(path, n):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError) as e:
         die(f"cannot read the checkpoint {path} ({e}): pass the run's checkpoint_last.pt, or leave --checkpoint out")
-    drop = ((state.get("extra_state") or {}).get("ReweightedTranslationTask") or {}).get("drop")
-    if drop is None:
-        return None
-    dropped = drop["dropped"].numpy().astype(bool)
-    if len(dropped) != n:
-        die(f"the checkpoint's --drop-below state covers {len(dropped)} training sentences but the flags file has "
-            f"{n}: pass the checkpoint of the run that wrote the weights")
-    return dropped
+    task = (state.get("extra_state") or {}).get("ReweightedTranslationTask") or {}
+    out = []
+    for key, value in (("drop", lambda d: d["dropped"].numpy().astype(bool)),
+                       ("source_contrast", lambda d: (d["train"][:, 0] - d["train"][:, 1]).numpy())):
+        if not task.get(key):
+            out.append(None)
+            continue
+        v = value(task[key])
+        if len(v) != n:
+            die(f"the checkpoint's {key} state covers {len(v)} training sentences but the flags file has "
+                f"{n}: pass the checkpoint of the run that wrote the weights")
+        out.append(v)
+    return tuple(out)
+
+
+def prior_auc(contrast, flags, ids, last, auc):
+    """How well the corpus pass's source contrast (the teacher's prior input, frozen when reweighting started) ranks
+    clean above corrupted: over every training sentence, and over those still trained on in the last part (what the
+    last part's weight AUC ranks)."""
+    seen = np.zeros(len(flags), dtype=bool)
+    seen[ids[last]] = True
+    return {"auc_prior_all": _r(auc(contrast, flags == 0)),
+            "auc_prior_last": _r(auc(contrast[seen], flags[seen] == 0))}
 
 
 def with_left_out(ids, weights, flags, last, left_out, auc):
@@ -294,7 +310,7 @@ def main(argv=None):
                    help="fraction of training (by updates) at the end for the summary AUC and histogram (default 0.2)")
     p.add_argument("--checkpoint", default=None,
                    help="the run's checkpoint_last.pt: with --drop-below, also the AUC where the sentences it left "
-                   "out count with weight 0")
+                   "out count with weight 0; with --source-contrast once, the AUC of the contrast the teacher read")
     p.add_argument("--label", default="", help="title prefix of the plots, e.g. the method")
     p.add_argument("--json", default=None, help="output JSON (default OUT-DIR/weights_analysis.json)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
@@ -328,9 +344,12 @@ def main(argv=None):
     res.update(weights_file=os.path.abspath(args.weights), flags_file=os.path.abspath(args.flags),
                label=args.label)
     if args.checkpoint:
-        left_out = read_left_out(args.checkpoint, len(flags))
+        left_out, contrast = read_task_state(args.checkpoint, len(flags))
+        last = updates >= res["last_from_update"]
         if left_out is not None:
-            res.update(with_left_out(ids, weights, flags, updates >= res["last_from_update"], left_out, _auc_fn()))
+            res.update(with_left_out(ids, weights, flags, last, left_out, _auc_fn()))
+        if contrast is not None:
+            res.update(prior_auc(contrast, flags, ids, last, _auc_fn()))
     lengths = target_lengths(args.flags)
     if lengths is not None and len(lengths) == len(flags):
         res["clean_weight_by_target_length"] = length_bias(ids, weights, flags, lengths,
@@ -362,6 +381,9 @@ def main(argv=None):
     if "auc_last_with_left_out" in res:
         print(f"AUC with the sentences --drop-below left out at weight 0 {fmt(res['auc_last_with_left_out'])} "
               f"(left out: {res['left_out_clean']} clean, {res['left_out_corrupted']} corrupted)")
+    if "auc_prior_all" in res:
+        print(f"AUC of the source contrast the teacher read (its corpus pass): all sentences "
+              f"{fmt(res['auc_prior_all'])}, those of the last part {fmt(res['auc_prior_last'])}")
     if res.get("clean_weight_by_target_length"):
         print("clean sentences by target length, last part (seen/corpus, mean weight): " + ", ".join(
             f"{b['tokens'][0]}-{b['tokens'][1]} tokens {b['seen']}/{b['corpus']} {fmt(b['mean_w'])}"

@@ -380,7 +380,13 @@ def test_analyze_weights_counts_left_out_sentences_at_weight_zero(tmp_path):
             if u >= 5:
                 sums[i], counts[i] = sums[i] + w, counts[i] + 1
     (tmp_path / "w.tsv").write_text("\n".join(rows) + "\n")
-    torch.save({"extra_state": {"ReweightedTranslationTask": {"drop": {"dropped": torch.from_numpy(left_out)}}}},
+    # the corpus pass's contrast (NLL given another source, given its own): separates every pair but the five
+    # corrupted ones still trained on, which it puts above every clean pair
+    contrast = np.where(flags == 1, 0.0, 1.0) + 0.01 * rng.random(n)
+    contrast[25:30] = 5.0
+    rows_c = torch.from_numpy(np.stack([contrast + 2.0, np.full(n, 2.0)], 1))
+    torch.save({"extra_state": {"ReweightedTranslationTask": {"drop": {"dropped": torch.from_numpy(left_out)},
+                                                              "source_contrast": {"train": rows_c, "meta": rows_c}}}},
                tmp_path / "checkpoint_last.pt")
     p = sh([sys.executable, SCRIPTS / "analyze_weights.py", "--weights", tmp_path / "w.tsv", "--flags",
             tmp_path / "train.flags", "--checkpoint", tmp_path / "checkpoint_last.pt", "--last-frac", "0.5",
@@ -394,10 +400,14 @@ def test_analyze_weights_counts_left_out_sentences_at_weight_zero(tmp_path):
     assert res["left_out_clean"] == 5 and res["left_out_corrupted"] == 25
     assert res["auc_last_with_left_out"] > 0.85 and abs(res["auc_last"] - 0.5) < 0.2
     assert "left out: 5 clean, 25 corrupted" in p.stdout
+    assert res["auc_prior_all"] == pytest.approx(1 - 5 / 30, abs=1e-4)  # 5 of 30 corrupted above every clean pair
+    assert res["auc_prior_last"] == pytest.approx(0.0, abs=1e-4)  # the survivors' corrupted pairs: all of them
+    assert "AUC of the source contrast the teacher read" in p.stdout
     torch.save({"extra_state": {}}, tmp_path / "plain.pt")  # a run without --drop-below: nothing added
     sh([sys.executable, SCRIPTS / "analyze_weights.py", "--weights", tmp_path / "w.tsv", "--flags",
         tmp_path / "train.flags", "--checkpoint", tmp_path / "plain.pt", "--no-plots", "--out-dir", tmp_path])
-    assert "auc_last_with_left_out" not in json.loads((tmp_path / "weights_analysis.json").read_text())
+    res = json.loads((tmp_path / "weights_analysis.json").read_text())
+    assert "auc_last_with_left_out" not in res and "auc_prior_all" not in res
 
 
 def test_analyze_weights_reports_clean_weight_by_target_length(tmp_path):
