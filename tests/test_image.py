@@ -470,13 +470,16 @@ def test_image_recipe_paper_and_explicit_flags():
     explicit flags win over the recipe (--max-weight 0: no cap); fd/exact keep the fast-only flags plain."""
     from fairseq_reweight.image.train import TrainConfig, check_config
 
-    for kw, want in (({}, (2.0, 3.0, 4, 0.9)), ({"reweight_recipe": "paper"}, (None, 0.0, 1, 0.0)),
-                     ({"max_weight": 0.0}, (None, 3.0, 4, 0.9)),
-                     ({"teacher_weight_decay": 1.0, "max_weight": 3.0, "meta_refresh": 2}, (3.0, 1.0, 2, 0.9)),
-                     ({"reweight_method": "mwnet"}, (None, 0.0, 1, 0.0)), ({"meta_grad": "fd"}, (2.0, 3.0, 1, 0.0))):
+    for kw, want in (({}, (2.0, 3.0, 4, 0.9, "loss", 0.5)), ({"reweight_recipe": "paper"}, (None, 0.0, 1, 0.0, "none", 2.0)),
+                     ({"max_weight": 0.0}, (None, 3.0, 4, 0.9, "loss", 0.5)),
+                     ({"teacher_weight_decay": 1.0, "max_weight": 3.0, "meta_refresh": 2}, (3.0, 1.0, 2, 0.9, "loss", 0.5)),
+                     ({"reweight_method": "mwnet"}, (None, 0.0, 1, 0.0, "none", 2.0)),
+                     ({"meta_grad": "fd"}, (2.0, 3.0, 1, 0.0, "loss", 0.5)),
+                     ({"teacher_prior": "none"}, (2.0, 3.0, 4, 0.9, "none", 0.5))):
         cfg = TrainConfig(**kw)
         check_config(cfg)
-        assert (cfg.max_weight, cfg.teacher_weight_decay, cfg.meta_refresh, cfg.meta_ema) == want, kw
+        assert (cfg.max_weight, cfg.teacher_weight_decay, cfg.meta_refresh, cfg.meta_ema, cfg.teacher_prior,
+                cfg.teacher_prior_scale) == want, kw
     assert TrainConfig().meta_grad == "fast" and TrainConfig().meta_params == "auto"
     with pytest.raises(ValueError, match="--weight-norm must be one of batch, running"):
         check_config(TrainConfig(weight_norm="running-length"))
@@ -566,12 +569,13 @@ def test_resume_restores_teacher_and_continues_exactly(fashion, tmp_path):
 
 def test_deep_teacher_separates_flipped_labels(tmp_path):
     """40% flip noise on a small synthetic problem: the deep teacher (states + label + loss) learns to
-    give the flipped examples lower weights than the clean ones (AUC of the last epoch's weights)."""
+    give the flipped examples lower weights than the clean ones (AUC of the last epoch's weights), from the
+    meta-gradient alone (no loss prior)."""
     root = write_fashion(tmp_path / "data", per_class=220)
     cfg = parse_config(["--dataset", "fashion-mnist", "--data-dir", str(root), "--arch", "resnet8",
                         "--noise", "flip", "--noise-rate", "0.4", "--meta-size", "200", "--batch-size", "50",
                         "--epochs", "9", "--lr-steps", "", "--lr", "0.02", "--teacher-lr", "3e-3", "--no-augment",
-                        "--reweight-method", "deep", "--save-dir", str(tmp_path / "run"), "--no-progress"])
+                        "--reweight-method", "deep", "--teacher-prior", "none", "--save-dir", str(tmp_path / "run"), "--no-progress"])
     summary = Trainer(cfg).run()
     assert summary["last_weight_auc"] > 0.8, summary
     log = json.loads((tmp_path / "run" / "log.json").read_text())
@@ -580,24 +584,24 @@ def test_deep_teacher_separates_flipped_labels(tmp_path):
 
 
 def test_loss_prior_ranks_by_the_loss_from_the_first_update(fashion, tmp_path):
-    """--teacher-prior loss: before the teacher has learned anything (its MLP starts at zero; a negligible teacher
-    lr keeps it there) the weights of every batch fall as the example's loss rises; without the prior they are all
-    one. The prior's scale is saved with the teacher, and resuming without the prior is refused."""
+    """--teacher-prior loss (deep's default): before the teacher has learned anything (its MLP starts at zero; a
+    negligible teacher lr keeps it there) the weights of every batch fall as the example's loss rises; without the
+    prior they are all one. The prior's scale is saved with the teacher, and resuming without the prior is refused."""
     def run(name, *extra):
         dump = tmp_path / f"{name}.tsv"
         main(tiny_args(fashion, tmp_path / name, "deep", "--teacher-lr", "1e-12", "--teacher-weight-decay", "0",
                        "--dump-weights", str(dump), *extra))
         return np.loadtxt(dump, skiprows=1).reshape(10, 20, 4)  # update, id, weight, loss
 
-    rows = run("prior", "--teacher-prior", "loss")
+    rows = run("prior")  # the default
     for batch in rows:
         order = np.argsort(batch[:, 3])
         w = batch[order, 2]
         assert (np.diff(w) <= 1e-6).all() and w[0] > w[-1] + 0.1
-    assert np.allclose(run("plain")[0, :, 2], 1.0)
+    assert np.allclose(run("plain", "--teacher-prior", "none")[0, :, 2], 1.0)
     saved = torch.load(tmp_path / "prior" / "checkpoint_last.pt", weights_only=True)
     assert saved["config"]["teacher_prior"] == "loss"
-    assert float(saved["reweighter"]["teacher"]["prior_scale"]) == pytest.approx(-2.0, abs=1e-6)
+    assert float(saved["reweighter"]["teacher"]["prior_scale"]) == pytest.approx(-0.5, abs=1e-6)
     with pytest.raises(ValueError, match="--teacher-prior loss -> none"):
         Trainer(parse_config(tiny_args(fashion, tmp_path / "prior", "deep", "--epochs", "2", "--resume",
                                        "--teacher-prior", "none")))

@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher-prior", choices=("auto", "none", "loss"), default=d.teacher_prior,
                    help="deep only: the teacher starts from the example's loss (its standardised value times "
                         "--teacher-prior-scale is subtracted from the teacher's logit; the scale is learned); "
-                        "auto: the recipe's")
+                        "auto: the recipe's (tuned: loss; paper: none)")
     g.add_argument("--teacher-prior-scale", type=float, default=d.teacher_prior_scale,
-                   help="initial scale of --teacher-prior (default 2)")
+                   help="initial scale of --teacher-prior (default: tuned 0.5)")
     g = p.add_argument_group("run")
     g.add_argument("--save-dir", default=d.save_dir, help="checkpoints, log.json, log.csv, labels.tsv")
     g.add_argument("--resume", action="store_true", help="continue from SAVE_DIR/checkpoint_last.pt")
