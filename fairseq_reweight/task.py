@@ -62,6 +62,9 @@ class ReweightedTranslationConfig(TranslationConfig, ReweightConfig):
         "help": "deep, where the teacher reads source_contrast: compute it in every training batch with the current "
                 "student (batch), or once for the whole corpus and the meta set when reweighting starts (once); "
                 "auto: the recipe's (tuned: " + recipe.TUNED_DEEP["source_contrast"] + ", per batch for sharded --data)"})
+    source_contrast_refresh: Optional[int] = field(default=None, metadata={
+        "help": "--source-contrast once: run the corpus pass again every N updates, for the pairs not left out "
+                "(0: never); default: the recipe's (tuned: once half-way through the reweighted updates; paper: 0)"})
     teacher_length_ratio: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     teacher_source_contrast: bool = field(default=False, metadata={"help": "replaced by --teacher-inputs (an error)"})
     drop_below: Optional[float] = field(default=None, metadata={
@@ -115,10 +118,12 @@ class ReweightedTranslationTask(TranslationTask):
             reweight_warmup=cfg.reweight_warmup, teacher_prior=cfg.teacher_prior,
             teacher_prior_scale=cfg.teacher_prior_scale, teacher_lr=cfg.teacher_lr, weight_norm=cfg.weight_norm,
             drop_below=cfg.drop_below, teacher_prior_reference=cfg.teacher_prior_reference,
-            source_contrast=cfg.source_contrast)
+            source_contrast=cfg.source_contrast, source_contrast_refresh=cfg.source_contrast_refresh)
         if cfg.source_contrast in (None, "auto") and resolved["source_contrast"] == "once" and \
                 len(utils.split_paths(str(cfg.data))) > 1:
             resolved["source_contrast"] = "batch"  # one value per pair of one split: not for sharded data
+            if cfg.source_contrast_refresh is None:
+                resolved["source_contrast_refresh"] = 0
         for k, v in resolved.items():
             setattr(cfg, k, v)
         # the recipe's Adam preconditioning falls back to none for a student optimizer without Adam moments
@@ -184,6 +189,13 @@ class ReweightedTranslationTask(TranslationTask):
                              "source_contrast (its "
                              f"--teacher-inputs are {cfg.teacher_inputs or 'none'}): drop it, or add source_contrast "
                              "to --teacher-inputs (--reweight-method deep)")
+        if cfg.source_contrast_refresh < 0:
+            raise ValueError(f"--source-contrast-refresh must be >= 0 (updates between passes; 0: never), got "
+                             f"{cfg.source_contrast_refresh}")
+        if cfg.source_contrast_refresh > 0 and cfg.source_contrast != "once":
+            raise ValueError(f"--source-contrast-refresh {cfg.source_contrast_refresh} repeats the corpus pass of "
+                             f"--source-contrast once, and this run has --source-contrast {cfg.source_contrast}: drop "
+                             "it, or add --source-contrast once")
         if cfg.teacher_prior_reference not in ("train", "meta"):
             raise ValueError(f"--teacher-prior-reference must be train or meta, got {cfg.teacher_prior_reference!r}")
         if cfg.teacher_prior_reference == "meta" and not cfg.teacher_prior:
@@ -300,7 +312,10 @@ class ReweightedTranslationTask(TranslationTask):
         if self.contrast is not None and self.cfg.teacher_prior == "source_contrast":  # the corpus pass's, once
             if self.contrast.reference_pending:
                 meta = self.contrast.meta[scored(self.contrast.meta)]
-                self.reweighter.add_reference(meta[:, 0] - meta[:, 1])
+                if self.contrast.passes > 1:  # a refresh: the reference is the new pass's alone
+                    self.reweighter.reset_reference(meta[:, 0] - meta[:, 1])
+                else:
+                    self.reweighter.add_reference(meta[:, 0] - meta[:, 1])
                 self.contrast.reference_pending = False
             return
         if meta is None:
@@ -368,9 +383,10 @@ class ReweightedTranslationTask(TranslationTask):
         fairseq's padding batches."""
         if "source_contrast" not in self.inputs or not self._active(update_num):
             return None
-        if self.contrast is not None and not self.contrast.ready:
-            with torch.autograd.profiler.record_function("source_contrast"):
-                self.contrast.build(self, _unwrap(model), criterion, _all_reduce_sum)
+        if self.contrast is not None and self.contrast.due(update_num, self.cfg.source_contrast_refresh):
+            with torch.autograd.profiler.record_function("source_contrast"):  # left-out pairs keep their values
+                self.contrast.build(self, _unwrap(model), criterion, _all_reduce_sum, update_num,
+                                    skip=None if self.drop is None else self.drop.dropped)
         if not real:
             return torch.zeros(sample["target"].size(0), device=sample["target"].device)
         if self.contrast is not None:
@@ -561,7 +577,7 @@ class ReweightedTranslationTask(TranslationTask):
         self.strategy.load_state_dict(state_dict.get("meta_direction"))
         self._pending_drop = state_dict.get("drop")
         if self.contrast is not None:
-            self.contrast.load_state_dict(state_dict.get("source_contrast"))
+            self.contrast.load_state_dict(state_dict.get("source_contrast"), warmup=self.reweighter.warmup)
         if self.drop is not None:
             self.drop.load_state_dict(self._pending_drop)
         if state_dict.get("reweighter"):

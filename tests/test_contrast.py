@@ -102,3 +102,48 @@ def test_sharded_data_is_refused_with_the_corpus_pass(tiny_data, tmp_path):
     p = run(train_cmd(f"{tiny_data}:{tiny_data}", tmp_path / "ck2", "deep", max_update=2,
                       extra=["--reweight-recipe", "tuned"]), check=False)
     assert p.returncode == 0 and "source_contrast=batch" in p.stdout, p.stdout[-3000:]
+
+
+def test_refresh_rescores_the_pairs_still_trained_on_and_replaces_the_reference(tiny_data, tmp_path):
+    """--source-contrast-refresh N: the pass runs again N updates after the last one, with the student of that update,
+    for the pairs --drop-below has not left out (those keep their earlier values; the kept pairs are batched without
+    them), and the prior's clean reference becomes the new meta values alone. A run stopped before a refresh and
+    resumed gives the same weights as an uninterrupted one."""
+    import numpy as np
+
+    from fairseq_reweight.contrast import scored, split_contrast
+    from fairseq_reweight.criterion import ReweightedLabelSmoothedCrossEntropyCriterion
+
+    extra = ["--teacher-inputs", "states,token_stats,source_contrast,progress", "--source-contrast", "once",
+             "--source-contrast-refresh", "6", "--teacher-prior", "source_contrast", "--teacher-prior-reference",
+             "meta", "--teacher-lr", "0.05", "--drop-below", "0.9", "--required-batch-size-multiple", "1",
+             "--teacher-progress-horizon", "20", "--save-interval-updates", "6"]
+    a = run(train_cmd(tiny_data, tmp_path / "a", "deep", max_update=14, extra=extra + ["--dump-weights", tmp_path / "a.tsv"]))
+    assert "scoring" in a.stdout and "again at update 6" in a.stdout and "again at update 12" in a.stdout, a.stdout[-3000:]
+    ck = sorted((tmp_path / "a").glob("checkpoint_*_12.pt"))
+    assert len(ck) == 1, list((tmp_path / "a").iterdir())
+    state = lambda p: torch.load(p, weights_only=True)["extra_state"]["ReweightedTranslationTask"]  # noqa: E731
+    last, at12 = state(tmp_path / "a" / "checkpoint_last.pt"), state(ck[0])  # at12: the values of the pass at 6
+    assert (last["source_contrast"]["built_at"], last["source_contrast"]["passes"]) == (12, 3)
+    skip = at12["drop"]["dropped"].numpy()
+    assert 0 < skip.sum() < len(skip), "nothing left out before the refresh: the test does not exercise the skip"
+    model, task = _load(ck[0], tiny_data)  # the student of the update of the last pass
+    fresh = split_contrast(task, model, ReweightedLabelSmoothedCrossEntropyCriterion(task, False, 0.0),
+                           task.dataset("train"), parts=True, skip=skip)
+    values, before = last["source_contrast"]["train"], at12["source_contrast"]["train"]
+    keep = torch.from_numpy(~skip)
+    assert torch.allclose(values[keep], fresh[keep], atol=1e-5)
+    assert torch.equal(values[~keep], before[~keep])  # left out: the earlier pass's values
+    assert (values[keep] - before[keep]).abs().max() > 1e-3  # the refresh changed what the teacher reads
+    meta = last["source_contrast"]["meta"]
+    meta = meta[scored(meta)]
+    reference = last["reweighter"]["teacher"]
+    assert int(reference["reference.count"]) == 1  # the new pass's alone
+    assert abs(float(reference["reference.mean"]) - float((meta[:, 0] - meta[:, 1]).mean())) < 1e-5
+    assert abs(float(at12["reweighter"]["teacher"]["reference.mean"]) - float(reference["reference.mean"])) > 1e-4
+
+    b = extra + ["--dump-weights", tmp_path / "b.tsv"]
+    run(train_cmd(tiny_data, tmp_path / "b", "deep", max_update=10, extra=b))
+    run(train_cmd(tiny_data, tmp_path / "b", "deep", max_update=14, extra=b))
+    assert np.array_equal(np.loadtxt(tmp_path / "a.tsv", skiprows=1), np.loadtxt(tmp_path / "b.tsv", skiprows=1))
+

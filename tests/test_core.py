@@ -499,12 +499,13 @@ def test_recipe_resolves_unset_flags_and_keeps_explicit_ones():
                      "teacher_inputs": "states,token_stats,source_contrast,progress", "reweight_warmup": 400,
                      "teacher_lr": 1e-4, "teacher_prior_scale": 4.0, "teacher_prior": "source_contrast",
                      "weight_norm": "running", "drop_below": 0.25, "teacher_prior_reference": "meta",
-                     "source_contrast": "once"}
+                     "source_contrast": "once", "source_contrast_refresh": 400}
     paper = recipe.resolve("paper", "deep", "fast", 1200)
     assert paper == {"meta_refresh": 1, "meta_ema": 0.0, "max_weight": None, "meta_precondition": "none",
                      "teacher_inputs": "states,token_stats,progress", "reweight_warmup": 0,
                      "teacher_lr": 1e-3, "teacher_prior_scale": 2.0, "teacher_prior": "", "weight_norm": "batch",
-                     "drop_below": None, "teacher_prior_reference": "train", "source_contrast": "batch"}
+                     "drop_below": None, "teacher_prior_reference": "train", "source_contrast": "batch",
+                     "source_contrast_refresh": 0}
     for method in ("none", "l2rw", "mwnet"):  # the published forms under both recipes
         assert recipe.resolve("tuned", method, "fast", 1200) == {
             **paper, "teacher_inputs": "loss" if method == "mwnet" else "",
@@ -524,6 +525,11 @@ def test_recipe_resolves_unset_flags_and_keeps_explicit_ones():
     assert mine["drop_below"] == 0.3 and mine["teacher_prior_reference"] == "meta"
     assert recipe.resolve("tuned", "deep", "fast", 1200, drop_below=0)["drop_below"] is None  # 0: none
     assert recipe.resolve("tuned", "deep", "fast", 1200, source_contrast="batch")["source_contrast"] == "batch"
+    # the corpus pass again half-way through the reweighted updates (rounded up: none at the last update), explicit wins
+    assert recipe.resolve("tuned", "deep", "fast", 1061)["source_contrast_refresh"] == 354  # 354 + 2 x 354 > 1060
+    assert recipe.resolve("tuned", "deep", "fast", 1200, source_contrast_refresh=0)["source_contrast_refresh"] == 0
+    assert recipe.resolve("tuned", "deep", "fast", 1200, source_contrast="batch")["source_contrast_refresh"] == 0
+    assert recipe.resolve("tuned", "deep", "fast", 0)["source_contrast_refresh"] == 0  # no --max-update: never
     # the corpus pass only where the teacher reads the contrast
     assert recipe.resolve("tuned", "deep", "fast", 1200, teacher_inputs="states,progress")["source_contrast"] == "batch"
     # the prior's clean reference only where there is a prior

@@ -265,6 +265,13 @@ class Reweighter:
             values = values.detach().float()
             self.teacher.reference.accumulate(values[torch.isfinite(values)][:, None])  # a NaN would stay for good
 
+    def reset_reference(self, values: torch.Tensor) -> None:
+        """Replace the clean reference by ``values`` alone (``[B]``: a new pass over the meta set, the same on every
+        worker); nothing before the teacher exists or without ``prior_reference``."""
+        if self.teacher is not None and self.teacher.reference is not None:
+            values = values.detach().float()
+            self.teacher.reference.reset(values[torch.isfinite(values)][:, None])
+
     def accumulate(self, w: torch.Tensor, mg: MetaGrad, info: Dict[str, float]) -> bool:
         """Back-propagate ``dL_meta/dw`` through the weights ``w`` into the teacher's gradients."""
         ok = self._count(info, mg, step=False) and self._backward(w, mg)
