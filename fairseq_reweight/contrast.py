@@ -35,7 +35,11 @@ class CorpusContrast:
 
     def due(self, update_num: int, every: int = 0) -> bool:
         """Whether a pass runs at this update: the first, or ``every`` > 0 updates after the last one."""
-        return not self.ready or (every > 0 and self.built_at is not None and update_num >= self.built_at + every)
+        if not self.ready:
+            return True
+        # (an update count below the last pass's: the counter was reset, e.g. by --reset-optimizer)
+        return every > 0 and self.built_at is not None and (
+            update_num >= self.built_at + every or update_num < self.built_at)
 
     def build(self, task, inner, criterion, all_reduce, update_num: int = 0,
               skip: Optional[torch.Tensor] = None) -> None:
@@ -78,16 +82,17 @@ class CorpusContrast:
 
     def state_dict(self) -> Optional[dict]:
         return None if self.train is None else {"train": self.train, "meta": self.meta, "built_at": self.built_at,
-                                                "passes": self.passes}
+                                                "passes": self.passes, "reference_pending": self.reference_pending}
 
-    def load_state_dict(self, state: Optional[dict], warmup: int = 0) -> None:
+    def load_state_dict(self, state: Optional[dict]) -> None:
         if state:
             if state["train"].dim() != 2:
                 raise ValueError("this checkpoint's --source-contrast values are of an older format (the contrast "
                                  "only); continue from it with --reset-teacher, which runs the corpus pass again")
-            self.train, self.meta, self.reference_pending = state["train"], state["meta"], False
-            # checkpoints written before --source-contrast-refresh: one pass, at the first reweighted update
-            self.built_at, self.passes = state.get("built_at", warmup), state.get("passes", 1)
+            self.train, self.meta = state["train"], state["meta"]
+            self.reference_pending = bool(state.get("reference_pending", False))
+            # checkpoints written before --source-contrast-refresh: one pass, at an update not saved (no refresh)
+            self.built_at, self.passes = state.get("built_at"), state.get("passes", 1)
 
 
 def contrast_batches(task, inner, dataset, max_tokens: Optional[int] = None, skip: Optional[np.ndarray] = None) -> list:

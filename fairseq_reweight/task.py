@@ -577,7 +577,7 @@ class ReweightedTranslationTask(TranslationTask):
         self.strategy.load_state_dict(state_dict.get("meta_direction"))
         self._pending_drop = state_dict.get("drop")
         if self.contrast is not None:
-            self.contrast.load_state_dict(state_dict.get("source_contrast"), warmup=self.reweighter.warmup)
+            self.contrast.load_state_dict(state_dict.get("source_contrast"))
         if self.drop is not None:
             self.drop.load_state_dict(self._pending_drop)
         if state_dict.get("reweighter"):

@@ -186,8 +186,9 @@ def read_task_state(path, n):
 
 
 def prior_auc(contrast, flags, ids, last, auc):
-    """How well the corpus pass's source contrast (the teacher's prior input, frozen when reweighting started) ranks
-    clean above corrupted: over every training sentence, and over those still trained on in the last part (what the
+    """How well the corpus pass's source contrast (the teacher's prior input, as the checkpoint holds it: from the last
+    pass, --source-contrast-refresh, and for the pairs left out before it from the pass before) ranks clean above
+    corrupted: over every training sentence, and over those still trained on in the last part (what the
     last part's weight AUC ranks)."""
     seen = np.zeros(len(flags), dtype=bool)
     seen[ids[last]] = True

@@ -36,7 +36,7 @@ def test_corpus_contrast_is_the_students_at_the_first_reweighted_update(tiny_dat
     its neighbour in a length-sorted batch minus given its own, with the student of the update where reweighting
     started (checked pair by pair with fairseq's plain forward of single pairs), saved in the checkpoint; the meta
     set's values are the prior's clean reference, folded into the teacher once."""
-    run(train_cmd(tiny_data, tmp_path / "ck", "deep", max_update=7, extra=ONCE))
+    run(train_cmd(tiny_data, tmp_path / "ck", "deep", max_update=9, extra=ONCE + ["--source-contrast-refresh", "0"]))
     saved = torch.load(tmp_path / "ck" / "checkpoint_last.pt", weights_only=True)["extra_state"][
         "ReweightedTranslationTask"]
     values = saved["source_contrast"]["train"]

@@ -333,7 +333,8 @@ def test_ddp_survives_epochs_that_do_not_divide_over_the_workers(odd_data, tmp_p
 def test_ddp_source_contrast_once_equals_one_process_pass(odd_data, tmp_path):
     """--source-contrast once, 2 workers: each scores its share of the pass's batches (their number does not divide
     over the workers), one all-reduce joins them; the values every pair gets equal one process's pass with the same
-    student (the checkpoint of the update reweighting starts at), and training goes on across two epoch ends."""
+    student (the checkpoint of the update reweighting starts at, and of the refresh 7 updates later for the pairs
+    --drop-below has not left out by then), and training goes on across two epoch ends."""
     from fairseq import checkpoint_utils
 
     import fairseq_reweight.task  # noqa: F401  (registers the task)
@@ -343,21 +344,32 @@ def test_ddp_source_contrast_once_equals_one_process_pass(odd_data, tmp_path):
     # --meta-max-tokens 300: 3 meta batches in the pass (at ODD's 400 the pass joins the third, a single pair, to
     # the second: 2 batches, which divide)
     extra = ODD + ["--reweight-recipe", "tuned", "--source-contrast", "once", "--reweight-warmup", "7",
-                   "--save-interval-updates", "7", "--keep-interval-updates", "5", "--meta-max-tokens", "300"]
+                   "--source-contrast-refresh", "7", "--drop-below", "0.9", "--save-interval-updates", "7",
+                   "--keep-interval-updates", "5",
+                   "--meta-max-tokens", "300"]
     p = run_ddp(train_cmd(odd_data, tmp_path / "run", "deep", max_update=20, extra=extra), check=False)
     assert p.returncode == 0, p.stdout[-5000:]
     assert "done training" in p.stdout and "end of epoch 2 " in p.stdout and "teacher identical on all 2" in p.stdout
+    assert "again at update 14" in p.stdout
     saved = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)["extra_state"][
         "ReweightedTranslationTask"]["source_contrast"]
-    models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(tmp_path / "run" / "checkpoint_1_7.pt")])
-    model, crit = models[0].eval(), ReweightedLabelSmoothedCrossEntropyCriterion(task, False, 0.0)
-    task.load_dataset("train")
-    assert len(contrast_batches(task, model, task._meta_dataset(), 300)) == 3  # the premise: the shares differ
-    for split, values in (("train", saved["train"]), ("meta", saved["meta"])):
-        dataset = task.dataset(split) if split == "train" else task._meta_dataset()
-        expected = split_contrast(task, model, crit, dataset, max_tokens=500 if split == "train" else 300, parts=True)
-        assert (expected != 0).float().mean() > 0.9, split
-        assert torch.allclose(values, expected, rtol=0, atol=1e-5), (split, float((values - expected).abs().max()))
+    assert (saved["built_at"], saved["passes"]) == (14, 2)
+    at14 = next((tmp_path / "run").glob("checkpoint_*_14.pt"))
+    skip = torch.load(at14, weights_only=True)["extra_state"]["ReweightedTranslationTask"]["drop"]["dropped"]
+    assert 0 < int(skip.sum()) < len(skip), "nothing left out before the refresh: the test does not exercise it"
+    for ck, kept in ((tmp_path / "run" / "checkpoint_1_7.pt", skip), (at14, ~skip)):
+        models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(ck)])
+        model, crit = models[0].eval(), ReweightedLabelSmoothedCrossEntropyCriterion(task, False, 0.0)
+        task.load_dataset("train")
+        assert len(contrast_batches(task, model, task._meta_dataset(), 300)) == 3  # the premise: the shares differ
+        expected = split_contrast(task, model, crit, task.dataset("train"), max_tokens=500, parts=True,
+                                  skip=None if kept is skip else skip.numpy())
+        assert (expected[kept] != 0).float().mean() > 0.9
+        assert torch.allclose(saved["train"][kept], expected[kept], rtol=0, atol=1e-5), \
+            (str(ck), float((saved["train"][kept] - expected[kept]).abs().max()))
+    expected = split_contrast(task, model, crit, task._meta_dataset(), max_tokens=300, parts=True)  # at14's
+    assert (expected != 0).float().mean() > 0.9
+    assert torch.allclose(saved["meta"], expected, rtol=0, atol=1e-5), float((saved["meta"] - expected).abs().max())
 
 
 def test_ddp_none_on_uneven_shards_equals_one_process(odd_data, tmp_path):

@@ -29,8 +29,8 @@ def test_deep_teacher_ranks_corrupted_pairs_below_clean_and_leaves_them_out(nois
     Ranking and size over the first reweighted updates: AUC > 0.8, and corrupted pairs get at most 2/3 of a clean
     pair's mean weight; filter (--drop-below, on by default): the pairs no longer scored over the last 50 updates
     (every kept pair about 7 times) are at least 60 % (per batch: 90 %) of the corrupted ones and at most 20 of the
-    200 clean ones -- the pass's contrast comes from the student of the first reweighted update, the weaker filter
-    (README, Results). Uniform weights (AUC 0.5 from ties, nothing left out) fail all three."""
+    200 clean ones -- the pass's contrast comes from the student of the first reweighted update (and of update 200,
+    --source-contrast-refresh), the weaker filter (README, Results). Uniform weights (AUC 0.5 from ties, nothing left out) fail all three."""
     data, corrupted = noisy
     rows = dumped_weights(data, tmp_path, "deep", ["--reweight-recipe", "tuned", "--source-contrast", contrast])
     first = rows[(rows[:, 0] >= 100) & (rows[:, 0] < 150)]

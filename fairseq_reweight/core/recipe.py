@@ -107,7 +107,9 @@ def resolve(recipe: str, method: str, meta_grad: str, max_update: int, *, meta_r
     else:  # the recipe's fraction of the reweighted updates, rounded up: a fraction of 1/2 gives one pass half-way
         span = max_update - out["reweight_warmup"] if max_update and max_update > 0 else 0
         fraction = default["source_contrast_refresh"] if out["source_contrast"] == "once" else 0.0
-        out["source_contrast_refresh"] = math.ceil(fraction * span) if fraction > 0 and span > 1 else 0
+        every = math.ceil(fraction * span) if fraction > 0 else 0
+        # none where the pass would come at the last update (too short a run to use it)
+        out["source_contrast_refresh"] = every if every and out["reweight_warmup"] + every < max_update - 1 else 0
     return out
 
 
