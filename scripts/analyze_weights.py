@@ -23,6 +23,7 @@ import argparse
 import glob
 import importlib.util
 import json
+import logging
 import math
 import os
 import struct
@@ -164,7 +165,11 @@ def read_task_state(path, n):
     import torch
 
     sys.path.insert(0, str(ROOT))
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
     from fairseq_reweight import compat  # noqa: F401  (torch.load allow-list)
+    root.setLevel(level)  # fairseq's import sets the root logger to DEBUG: matplotlib's debug lines would follow
+    root.handlers[:] = handlers
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
