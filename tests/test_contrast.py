@@ -147,3 +147,14 @@ def test_refresh_rescores_the_pairs_still_trained_on_and_replaces_the_reference(
     run(train_cmd(tiny_data, tmp_path / "b", "deep", max_update=14, extra=b))
     assert np.array_equal(np.loadtxt(tmp_path / "a.tsv", skiprows=1), np.loadtxt(tmp_path / "b.tsv", skiprows=1))
 
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--source-contrast", "batch", "--source-contrast-refresh", "5"],
+     "--source-contrast-refresh 5 repeats the corpus pass of --source-contrast once"),
+    (["--source-contrast-refresh", "-1"], "--source-contrast-refresh must be >= 0")])
+def test_a_refresh_without_a_pass_or_negative_is_refused(tiny_data, tmp_path, extra, message):
+    p = run(train_cmd(tiny_data, tmp_path / "ck", "deep", max_update=2, extra=["--reweight-recipe", "tuned"] + extra),
+            check=False)
+    assert p.returncode != 0 and message in p.stdout, p.stdout[-3000:]
+    assert not (tmp_path / "ck" / "checkpoint_last.pt").exists()
