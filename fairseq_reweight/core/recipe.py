@@ -39,7 +39,8 @@ PLAIN = {"meta_refresh": 1, "meta_ema": 0.0, "max_weight": None, "meta_precondit
 # averaged with decay 0.9 (every 8 costs 1.1x instead of 1.25-1.35x plain time, but lost 0.6 and 2.1 points on 40 %
 # uniform noise, seeds 1 and 2: examples/image/session29/); the teacher starting from the example's loss, scale 0.5
 # (session 31, examples/image/session31/: higher last-epoch accuracy and weight AUC on 40 % uniform and flip noise;
-# scale 2 from the first update collapsed the student, scale 2 after 90 plain updates ended at AUC 0.85)
+# scale 2 from the first update collapsed the student, scale 2 after 90 plain updates ended at AUC 0.85); with the
+# prior, every 8 updates (1.11x) and the tail from the last block (1.14x) still lost accuracy (session 33)
 TUNED_DEEP_IMAGE = {"max_weight": 2.0, "teacher_weight_decay": 3.0, "meta_refresh": 4, "meta_ema": 0.9,
                     "teacher_prior": "loss", "teacher_prior_scale": 0.5}
 PLAIN_IMAGE = {"max_weight": None, "teacher_weight_decay": 0.0, "meta_refresh": 1, "meta_ema": 0.0,
