@@ -148,7 +148,6 @@ def test_refresh_rescores_the_pairs_still_trained_on_and_replaces_the_reference(
     assert np.array_equal(np.loadtxt(tmp_path / "a.tsv", skiprows=1), np.loadtxt(tmp_path / "b.tsv", skiprows=1))
 
 
-
 @pytest.mark.parametrize("extra,message", [
     (["--source-contrast", "batch", "--source-contrast-refresh", "5"],
      "--source-contrast-refresh 5 repeats the corpus pass of --source-contrast once"),
