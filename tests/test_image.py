@@ -640,9 +640,21 @@ def test_compare_writes_results_and_skips_finished_runs(fashion, tmp_path, capsy
     # a fresh machine: the runs are gone, results.json keeps their rows and the report marks them
     import shutil
     shutil.rmtree(tmp_path / "runs" / "flip0.3")
+    for name in ("accuracy_flip0.3.png", "weights_flip0.3.png"):
+        (tmp_path / "report" / name).unlink()
     compare.main(args[:args.index("--jobs")] + ["--report-only"])
-    assert len(json.loads((tmp_path / "report" / "results.json").read_text())) == 8
-    assert "carried over" in report.read_text() and f"**{mean:.2f}**" in report.read_text()
+    rows = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert len(rows) == 8 and "carried over" in report.read_text() and f"**{mean:.2f}**" in report.read_text()
+    # the carried rows keep their curves and histograms, and the plots are drawn from them
+    carried = {(r["method"], r["seed"]): r for r in rows if r["noise"] == "flip0.3"}
+    assert carried[("deep", 2)]["acc_by_epoch"] == [e["test_acc"] for e in log["epochs"]]
+    assert carried[("deep", 2)]["auc_by_epoch"] == [e["weight_auc"] for e in log["epochs"]]
+    hist = carried[("deep", 1)]["weight_hist"]
+    assert sum(hist["clean"]) + sum(hist["noisy"]) == 200 and sum(hist["noisy"]) > 0  # the last epoch's examples
+    uniform = carried[("none", 1)]["weight_hist"]  # every weight 1: one bin
+    assert max(uniform["clean"]) == sum(uniform["clean"]) > 0 and max(uniform["noisy"]) == sum(uniform["noisy"]) > 0
+    for name in ("accuracy_flip0.3.png", "weights_flip0.3.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
     for bad, fix in (("--noise-rate", "--noise TYPE"), ("--noise=gauss0.4", "TYPE one of uniform, flip")):
         with pytest.raises(SystemExit):
             compare.main(["--out", str(tmp_path / "x"), bad] + (["0.2"] if "=" not in bad else []))
@@ -723,6 +735,6 @@ def test_compare_targets_pair_the_seeds_both_methods_have(tmp_path):
     rows = [row("none", 1, 67.0), row("none", 2, 64.0), row("mwnet", 1, 81.5), row("mwnet", 2, 56.7),
             row("deep", 1, 79.9)]
     text = "\n".join(compare.noise_section(compare.Noise("flip", 0.4), rows, {}, ["none", "mwnet", "deep"], [1, 2],
-                                           tmp_path, tmp_path))
+                                           tmp_path))
     assert "- [ ] last-epoch accuracy of deep >= mwnet (79.90 vs 81.50; seeds 1)" in text
     assert "- [x] last-epoch accuracy of deep >= none + 3 (79.90 vs 70.00; seeds 1)" in text

@@ -11,8 +11,8 @@ be run again. After every run the report is rewritten: per noise, the last-epoch
 its mean, the best epoch, the AUC of the weights for clean vs noisy labels (last epoch; 0.5 for uniform weights),
 seconds per iteration and the ratio to ``none``, the targets, and two plots (accuracy/AUC curves averaged over the
 seeds; weight histograms of clean vs noisy examples in seed 1's last epoch). ``results.json`` beside the report
-lists every run as ``{"method", "noise", "seed", "acc", "auc", ...}``; its rows for runs that are not on disk (a
-fresh machine) are kept and shown as carried over.
+lists every run as ``{"method", "noise", "seed", "acc", "auc", ...}`` with its curves and weight histogram; its rows
+for runs that are not on disk (a fresh machine) are kept, shown as carried over and drawn in the plots.
 Targets (Fan et al. 2021 vs MW-Net, Shu et al. 2019, and L2RW, Ren et al. 2018), means over the seeds: last-epoch
 accuracy of ``deep`` >= ``none`` + 3 points and >= ``mwnet``; weight AUC of ``deep`` >= 0.93.
 """
@@ -136,8 +136,31 @@ def collect(out: Path, noises: List[Noise], methods, seeds) -> Dict[Key, dict]:
     return logs
 
 
-def result_rows(logs: Dict[Key, dict], old: List[dict]) -> List[dict]:
-    """One row per finished run on disk, plus the rows of an earlier ``results.json`` not on disk (``carried``)."""
+def curves(log: dict) -> dict:
+    """The per-epoch test accuracy and weight AUC of a run (what the accuracy plot draws)."""
+    return {"acc_by_epoch": [e["test_acc"] for e in log["epochs"]],
+            "auc_by_epoch": [e["weight_auc"] for e in log["epochs"]]}
+
+
+HIST_BINS = 40
+
+
+def weight_hist(rd: Path, log: dict) -> Optional[dict]:
+    """Counts of the last epoch's weights of clean and noisy examples on ``HIST_BINS`` equal bins from 0 to ``top``
+    (what the weight plot draws), or None without a weight dump."""
+    wf = last_epoch_weights(rd, log)
+    if wf is None:
+        return None
+    w, noisy = wf
+    top = max(float(w.max()), 1.0) * 1.02 + 1e-6
+    edges = np.linspace(0, top, HIST_BINS + 1)
+    return {"top": top, "clean": np.histogram(w[~noisy], edges)[0].tolist(),
+            "noisy": np.histogram(w[noisy], edges)[0].tolist()}
+
+
+def result_rows(logs: Dict[Key, dict], old: List[dict], out: Path) -> List[dict]:
+    """One row per finished run on disk, plus the rows of an earlier ``results.json`` not on disk (``carried``).
+    A row keeps the run's curves and last-epoch weight histogram, so the plots can be redrawn without the run."""
     rows = []
     for (noise, method, seed), log in logs.items():
         s = log["summary"]
@@ -146,34 +169,39 @@ def result_rows(logs: Dict[Key, dict], old: List[dict]) -> List[dict]:
         rows.append({"method": method, "noise": noise, "seed": seed, "acc": s["last_test_acc"],
                      "auc": None if method == "none" else s["last_weight_auc"], "best_acc": s["best_test_acc"],
                      "best_epoch": s["best_epoch"], "sec_per_iter": s["sec_per_iter"],
-                     "meta_grad": log["config"].get("meta_grad") if method != "none" else None})
+                     "meta_grad": log["config"].get("meta_grad") if method != "none" else None, **curves(log),
+                     "weight_hist": weight_hist(out / noise / method / f"seed{seed}", log)})
     have = {(r["noise"], r["method"], r["seed"]) for r in rows}
     rows += [dict(r, carried=True) for r in old if (r["noise"], r["method"], r["seed"]) not in have]
     return sorted(rows, key=lambda r: (r["noise"], r["method"], r["seed"]))
 
 
-def plot(logs: Dict[Key, dict], out: Path, noise: Noise, methods, img_dir: Path) -> List[str]:
+def plot(rows: List[dict], logs: Dict[Key, dict], noise: Noise, methods, img_dir: Path) -> List[str]:
+    """The accuracy/AUC curves (mean over seeds) and the weight histograms of each method's first seed, from the
+    rows (finished runs, on disk or carried over) and the unfinished runs' logs."""
     import matplotlib
 
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mine = {k: v for k, v in logs.items() if k[0] == noise.name and v["epochs"]}
-    if not mine:
+    runs = [r for r in rows if r["noise"] == noise.name and r.get("acc_by_epoch")]
+    done = {(r["method"], r["seed"]) for r in runs}
+    runs += [dict(method=k[1], seed=k[2], **curves(v)) for k, v in sorted(logs.items())
+             if k[0] == noise.name and v["epochs"] and not v["summary"]["finished"] and (k[1], k[2]) not in done]
+    if not runs:
         return []
     names = [f"accuracy_{noise.name}.png", f"weights_{noise.name}.png"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for m in methods:
-        runs = [v["epochs"] for k, v in mine.items() if k[1] == m]
-        if not runs:
+        mine = [r for r in runs if r["method"] == m]
+        if not mine:
             continue
-        n = min(len(r) for r in runs)  # the epochs every seed has reached
+        n = min(len(r["acc_by_epoch"]) for r in mine)  # the epochs every seed has reached
         ep = np.arange(1, n + 1)
-        acc = np.mean([[r[i]["test_acc"] for i in range(n)] for r in runs], 0)
-        auc = np.mean([[np.nan if r[i]["weight_auc"] is None else r[i]["weight_auc"] for i in range(n)]
-                       for r in runs], 0)
-        label = f"{m} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+        acc = np.mean([r["acc_by_epoch"][:n] for r in mine], 0)
+        auc = np.mean([[np.nan if a is None else a for a in r["auc_by_epoch"][:n]] for r in mine], 0)
+        label = f"{m} ({len(mine)} seed{'s' if len(mine) > 1 else ''})"
         ax1.plot(ep, acc, marker="o", ms=3, label=label)
         ax2.plot(ep, auc, marker="o", ms=3, label=label)
     ax1.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"test accuracy, {noise.name} (mean over seeds)")
@@ -185,20 +213,17 @@ def plot(logs: Dict[Key, dict], out: Path, noise: Noise, methods, img_dir: Path)
     fig.savefig(img_dir / names[0], dpi=100)
     plt.close(fig)
 
-    shown = [(m, k, v) for m in methods for k, v in sorted(mine.items()) if k[1] == m]
     first = {}
-    for m, k, v in shown:
-        first.setdefault(m, (k, v))
+    for m in methods:
+        for r in sorted((r for r in runs if r["method"] == m and r.get("weight_hist")), key=lambda r: r["seed"]):
+            first.setdefault(m, r)
     fig, axes = plt.subplots(1, max(len(first), 1), figsize=(3.6 * max(len(first), 1), 3.2), squeeze=False)
-    for ax, (m, (k, log)) in zip(axes[0], first.items()):
-        wf = last_epoch_weights(run_dir(out, noise, m, k[2]), log)
-        if wf is None:
-            continue
-        w, noisy = wf
-        bins = np.linspace(0, max(float(w.max()), 1.0) * 1.02 + 1e-6, 40)
-        ax.hist(w[~noisy], bins=bins, alpha=0.6, density=True, label="clean")
-        ax.hist(w[noisy], bins=bins, alpha=0.6, density=True, label="noisy")
-        ax.set(title=f"{m}, seed {k[2]}", xlabel="weight (last epoch)")
+    for ax, (m, r) in zip(axes[0], first.items()):
+        h = r["weight_hist"]
+        edges = np.linspace(0, h["top"], len(h["clean"]) + 1)
+        for key in ("clean", "noisy"):
+            ax.hist(edges[:-1], bins=edges, weights=h[key], alpha=0.6, density=True, label=key)
+        ax.set(title=f"{m}, seed {r['seed']}", xlabel="weight (last epoch)")
         ax.legend()
     axes[0][0].set_ylabel("density")
     fig.tight_layout()
@@ -216,8 +241,7 @@ def _mean(values) -> Optional[float]:
     return float(np.mean(values)) if values else None
 
 
-def noise_section(noise: Noise, rows: List[dict], logs: Dict[Key, dict], methods, seeds, out: Path,
-                  img_dir: Path) -> List[str]:
+def noise_section(noise: Noise, rows: List[dict], logs: Dict[Key, dict], methods, seeds, img_dir: Path) -> List[str]:
     mine = [r for r in rows if r["noise"] == noise.name]
     wrong = [v["summary"]["wrong_label_fraction"] for k, v in logs.items() if k[0] == noise.name]
     lines = [f"## {noise.kind} noise, p = {noise.rate:g}"
@@ -259,7 +283,7 @@ def noise_section(noise: Noise, rows: List[dict], logs: Dict[Key, dict], methods
         a = means["deep"][1]
         checks.append((f"weight AUC of deep >= {AUC_TARGET} ({_f(a, '{:.3f}')})", a is not None and a >= AUC_TARGET))
     lines += [f"- [{'x' if ok else ' '}] {text}" for text, ok in checks] or ["- (no finished runs yet)"]
-    lines += [""] + [f"![{name}]({name})" for name in plot(logs, out, noise, methods, img_dir)] + [""]
+    lines += [""] + [f"![{name}]({name})" for name in plot(rows, logs, noise, methods, img_dir)] + [""]
     return lines
 
 
@@ -268,7 +292,7 @@ def write_report(logs: Dict[Key, dict], noises: List[Noise], methods, seeds, out
     results.parent.mkdir(parents=True, exist_ok=True)
     json_path = results.with_name("results.json")
     old = json.loads(json_path.read_text()) if json_path.is_file() else []
-    rows = result_rows(logs, old)
+    rows = result_rows(logs, old, out)
     lines = ["# Image experiments: none / MW-Net / L2RW / deep on noisy labels", "",
              f"Generated by `{command}` on {datetime.date.today().isoformat()}; runs in `{out}`; every row also in "
              f"[`{json_path.name}`]({json_path.name}).", ""]
@@ -282,7 +306,7 @@ def write_report(logs: Dict[Key, dict], noises: List[Noise], methods, seeds, out
             f"{cfg['weight_decay']}, crop padding {cfg['crop_pad']}; seeds {', '.join(map(str, seeds))}, data seed "
             f"{cfg['data_seed']}; device {s['device']}, {s['threads']} threads, torch {s['torch']}.", ""]
     for noise in noises:
-        lines += noise_section(noise, rows, logs, methods, seeds, out, results.parent)
+        lines += noise_section(noise, rows, logs, methods, seeds, results.parent)
     lines += ["Weight AUC: probability that a random clean-label example gets a larger weight than a random "
               "noisy-label one in the last epoch (ties count 1/2, so uniform weights score 0.5). s/iter: runs side "
               "by side (`--jobs`) share the cores, so compare ratios within one report."]
