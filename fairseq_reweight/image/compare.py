@@ -76,8 +76,9 @@ def parse_seeds(spec: str) -> List[int]:
     return seeds
 
 
-def run_dir(out: Path, noise: Noise, method: str, seed: int) -> Path:
-    return out / noise.name / method / f"seed{seed}"
+def run_dir(out: Path, noise, method: str, seed: int) -> Path:
+    """``OUT/NOISE/METHOD/seedS`` (``noise``: a :class:`Noise` or its name)."""
+    return out / (noise if isinstance(noise, str) else noise.name) / method / f"seed{seed}"
 
 
 def run_method(method: str, noise: Noise, seed: int, out: Path, args, extra: List[str], quiet: bool) -> None:
@@ -170,7 +171,7 @@ def result_rows(logs: Dict[Key, dict], old: List[dict], out: Path) -> List[dict]
                      "auc": None if method == "none" else s["last_weight_auc"], "best_acc": s["best_test_acc"],
                      "best_epoch": s["best_epoch"], "sec_per_iter": s["sec_per_iter"],
                      "meta_grad": log["config"].get("meta_grad") if method != "none" else None, **curves(log),
-                     "weight_hist": weight_hist(out / noise / method / f"seed{seed}", log)})
+                     "weight_hist": weight_hist(run_dir(out, noise, method, seed), log)})
     have = {(r["noise"], r["method"], r["seed"]) for r in rows}
     rows += [dict(r, carried=True) for r in old if (r["noise"], r["method"], r["seed"]) not in have]
     return sorted(rows, key=lambda r: (r["noise"], r["method"], r["seed"]))
