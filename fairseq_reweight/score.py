@@ -24,6 +24,7 @@ none that looks finished.
 """
 
 import argparse
+import gzip
 import math
 import os
 import sys
@@ -47,7 +48,7 @@ def parse_args(argv=None):
     g.add_argument("--keep", type=float, help="keep this fraction of the pairs, the highest scores (0 < F <= 1)")
     g.add_argument("--threshold", type=float, help="keep the pairs whose score is at least this")
     p.add_argument("--keep-list", help="write one 0/1 per sentence id (1 = kept) here (needs --keep or --threshold)")
-    p.add_argument("--raw", nargs=2, metavar=("SRC", "TGT"), help="raw text of the split, one line per pair")
+    p.add_argument("--raw", nargs=2, metavar=("SRC", "TGT"), help="raw text of the split, one line per pair (plain or .gz files)")
     p.add_argument("--filtered", help="write the kept raw pairs as source<TAB>target<TAB>score (needs --raw)")
     p.add_argument("--max-tokens", type=int, default=4096, help="tokens per batch (default 4096)")
     p.add_argument("--cpu", action="store_true", help="score on the CPU even if a GPU is there")
@@ -64,9 +65,29 @@ def parse_args(argv=None):
     return args
 
 
-def _count_lines(path: str) -> int:
+def _open_raw(path: str, mode: str = "rt"):
+    """A raw text file, gzip-compressed (by its magic bytes) or not."""
     with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    if gz:
+        return gzip.open(path, mode, encoding="utf-8") if "t" in mode else gzip.open(path, mode)
+    return open(path, mode, encoding="utf-8") if "t" in mode else open(path, mode)
+
+
+def _count_lines(path: str) -> int:
+    with _open_raw(path, "rb") as f:
         return sum(1 for _ in f)
+
+
+def _check_raw(path: str) -> str:
+    """Why ``path`` cannot be a --raw file (it is read twice: its line count before scoring, its pairs after), or ''."""
+    if not os.path.exists(path):
+        return f"--raw file {path} not found"
+    if not os.path.isfile(path):
+        return (f"--raw file {path} is not a regular file (a pipe such as <(zcat FILE.gz) can be read only once, and "
+                "--raw is read twice: its line count before scoring, its pairs after): give the file itself; "
+                ".gz files are read directly")
+    return ""
 
 
 def _load(path: str, data: str, split: str, cpu: bool):
@@ -251,11 +272,10 @@ class _AtomicWriter:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.raw:  # fail early, before any model is loaded
-        for f in args.raw:
-            if not os.path.exists(f):
-                print(f"error: --raw file {f} not found", file=sys.stderr)
-                return 2
+    for problem in map(_check_raw, args.raw or []):  # fail early, before any model is loaded
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     try:
         cols = score_split(args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
@@ -276,8 +296,7 @@ def main(argv=None) -> int:
         with _AtomicWriter(args.keep_list) as f:
             f.writelines("1\n" if k else "0\n" for k in mask)
     if args.filtered:
-        with open(args.raw[0], encoding="utf-8") as fs, open(args.raw[1], encoding="utf-8") as ft, \
-                _AtomicWriter(args.filtered) as f:
+        with _open_raw(args.raw[0]) as fs, _open_raw(args.raw[1]) as ft, _AtomicWriter(args.filtered) as f:
             for i, (s, t) in enumerate(zip(fs, ft)):  # streamed: the raw text is never held in memory
                 if mask[i]:
                     f.write(f"{s.rstrip(chr(10))}\t{t.rstrip(chr(10))}\t{cols['score'][i]:.6g}\n")

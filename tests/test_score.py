@@ -1,5 +1,8 @@
 """fairseq-reweight-score: a corpus filter from the teacher (and the practitioners' scores), through the CLI."""
 
+import gzip
+import os
+
 import numpy as np
 import pytest
 
@@ -46,6 +49,13 @@ def test_scores_separate_misaligned_pairs_in_the_splits_order(scored, tmp_path, 
     lines = filt.read_text().splitlines()
     assert len(lines) == 180 and lines[0].split("\t")[0] == src[int(np.flatnonzero(kept)[0])]
     assert float(lines[0].split("\t")[2]) == pytest.approx(rows[np.flatnonzero(kept)[0], 1], rel=1e-4)
+    if score == "teacher":  # gzip-compressed raw text (as corpora ship) gives the same output
+        for side in ("src", "tgt"):
+            (tmp_path / f"train.{side}.gz").write_bytes(gzip.compress((root / "raw" / f"train.{side}").read_bytes()))
+        run(SCORE + [data, "--path", root / "deep" / "checkpoint_last.pt", "--out", tmp_path / "s2.tsv", "--keep",
+                     "0.6", "--raw", tmp_path / "train.src.gz", tmp_path / "train.tgt.gz", "--filtered",
+                     tmp_path / "kept2.tsv", "--no-progress"])
+        assert (tmp_path / "kept2.tsv").read_text() == filt.read_text()
 
 
 def test_dual_conditional_cross_entropy(scored, tmp_path):
@@ -72,6 +82,8 @@ def test_score_errors_name_the_fix(scored, tmp_path):
     root, data, flags = scored
     ck = root / "deep" / "checkpoint_last.pt"
     run(train_cmd(data, tmp_path / "none", "none", max_update=2))
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
     cases = [
         (["--path", tmp_path / "none" / "checkpoint_last.pt"], "holds no teacher (trained with --reweight-method none)"),
         (["--path", ck, "--split", "nope"], "has no split 'nope'"),
@@ -80,6 +92,9 @@ def test_score_errors_name_the_fix(scored, tmp_path):
         (["--path", ck, "--keep", "1.5"], "--keep must be a fraction in (0, 1]"),
         (["--path", ck, "--keep", "0"], "--keep must be a fraction in (0, 1]"),
         (["--path", ck, "--keep-list", tmp_path / "k"], "need --keep FRACTION or --threshold"),
+        # a pipe would be emptied by the line count and leave --filtered empty
+        (["--path", ck, "--keep", "0.5", "--filtered", tmp_path / "f", "--raw", fifo, fifo],
+         "is not a regular file (a pipe such as <(zcat FILE.gz) can be read only once"),
     ]
     for extra, message in cases:
         out = tmp_path / "s.tsv"
