@@ -64,7 +64,7 @@ def filter_seconds(runs: Path, cond: str, method: str, seed: str):
     timing = load_json(d / "score_time.json") or {}
     if not method.startswith("filter-") or timing.get("score_seconds") is None:
         return None
-    if method != "filter-dual-xent":
+    if not method.startswith("filter-dual-xent"):  # also a named variant's folder, e.g. filter-dual-xent-full
         return timing["score_seconds"]
     backward = [Path(timing["backward_dir"])] if timing.get("backward_dir") else \
         sorted((runs / cond).glob(f"backward*/seed{seed}"))  # runs scored before the runner recorded it
