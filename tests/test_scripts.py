@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -583,12 +584,15 @@ def test_benchmark_report_and_dry_run(tmp_path):
     (dx / "bleu_test.json").write_text((d / "bleu_test.json").read_text())
     (dx / "score_time.json").write_text(json.dumps({"score_seconds": 120, "backward_dir": str(bdir)}))
     (bdir / "train_time.json").write_text(json.dumps({"wall_seconds": 600}))
+    shutil.copytree(dx, runs / "noisy" / "filter-dual-xent-full" / "seed1")  # a named variant's folder
     fres = tmp_path / "res_filter"
     sh([sys.executable, SCRIPTS / "benchmark_report.py", "--runs-dir", runs, "--results-dir", fres,
-        "--methods", "none filter-loss filter-dual-xent", "--seeds", "1", "--conditions", "clean noisy"])
+        "--methods", "none filter-loss filter-dual-xent filter-dual-xent-full", "--seeds", "1", "--conditions",
+        "clean noisy"])
     rows = json.loads((fres / "results.json").read_text())
     assert has(rows, {"method": "filter-loss", "seed": 1, "filter_seconds": 300})
     assert has(rows, {"method": "filter-dual-xent", "seed": 1, "filter_seconds": 720})
+    assert has(rows, {"method": "filter-dual-xent-full", "seed": 1, "filter_seconds": 720})
     md = (fres / "RESULTS.md").read_text()
     assert "clean/filter-" not in md  # filters are runs of the noisy condition only, never missing on clean
     assert re.search(r"\| filter-loss \|[^\n]*\| 5\.0 \|\n", md) and re.search(r"\| filter-dual-xent \|[^\n]*\| 12\.0 \|\n", md)
