@@ -48,7 +48,8 @@ def parse_args(argv=None):
     g.add_argument("--keep", type=float, help="keep this fraction of the pairs, the highest scores (0 < F <= 1)")
     g.add_argument("--threshold", type=float, help="keep the pairs whose score is at least this")
     p.add_argument("--keep-list", help="write one 0/1 per sentence id (1 = kept) here (needs --keep or --threshold)")
-    p.add_argument("--raw", nargs=2, metavar=("SRC", "TGT"), help="raw text of the split, one line per pair (plain or .gz files)")
+    p.add_argument("--raw", nargs=2, metavar=("SRC", "TGT"),
+                   help="raw text of the split, one line per pair (plain or .gz files)")
     p.add_argument("--filtered", help="write the kept raw pairs as source<TAB>target<TAB>score (needs --raw)")
     p.add_argument("--max-tokens", type=int, default=4096, help="tokens per batch (default 4096)")
     p.add_argument("--cpu", action="store_true", help="score on the CPU even if a GPU is there")
