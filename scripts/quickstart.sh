@@ -17,7 +17,7 @@ test_2016_flickr BLEU/chrF of both, the weight AUC of deep's teacher against the
 of updates) and where the weight histogram is.
 
 Defaults: the tiny-cpu preset (3+3-layer transformer, d=128: the shorter preset, so that the whole job
-takes about 15 minutes on 2 CPU cores), N = 1200 updates. --preset small-cpu (the competent student of
+takes about 10 minutes on 2 CPU cores), N = 1200 updates. --preset small-cpu (the competent student of
 the README's results) takes about 1.5 hours.
 Outputs: data-bin/multi30k_de_en_misaligned0.3 and DIR (default runs/quickstart): none/ and deep/ with
 checkpoints, train.log, weights.tsv, bleu_test.json, weights_hist.png. Re-running resumes/skips finished
