@@ -42,9 +42,9 @@ PLAIN = {"meta_refresh": 1, "meta_ema": 0.0, "max_weight": None, "meta_precondit
 # scale 2 from the first update collapsed the student, scale 2 after 90 plain updates ended at AUC 0.85); with the
 # prior, every 8 updates (1.11x) and the tail from the last block (1.14x) still lost accuracy (session 33)
 TUNED_DEEP_IMAGE = {"max_weight": 2.0, "teacher_weight_decay": 3.0, "meta_refresh": 4, "meta_ema": 0.9,
-                    "teacher_prior": "loss", "teacher_prior_scale": 0.5}
+                    "teacher_prior": "loss", "teacher_prior_scale": 0.5, "weight_ema": 0.8}
 PLAIN_IMAGE = {"max_weight": None, "teacher_weight_decay": 0.0, "meta_refresh": 1, "meta_ema": 0.0,
-               "teacher_prior": "none", "teacher_prior_scale": 2.0}
+               "teacher_prior": "none", "teacher_prior_scale": 2.0, "weight_ema": 0.0}
 # the teacher's inputs of the other methods (their published forms): MW-Net reads the loss; l2rw/none have no teacher
 OTHER_INPUTS = {"mwnet": "loss"}
 
@@ -117,7 +117,8 @@ def resolve(recipe: str, method: str, meta_grad: str, max_update: int, *, meta_r
 def resolve_image(recipe: str, method: str, meta_grad: str = "fast", *, max_weight: Optional[float] = None,
                   teacher_weight_decay: Optional[float] = None, weight_norm: Optional[str] = None,
                   meta_refresh: Optional[int] = None, meta_ema: Optional[float] = None,
-                  teacher_prior: Optional[str] = "auto", teacher_prior_scale: Optional[float] = None) -> dict:
+                  teacher_prior: Optional[str] = "auto", teacher_prior_scale: Optional[float] = None,
+                  weight_ema: Optional[float] = None) -> dict:
     """The image trainer's recipe-dependent flags (as :func:`resolve`: explicit values win, 0 = no cap; the flags
     of ``--meta-grad fast`` stay plain with fd/exact; the prior only for ``deep``)."""
     _check(recipe)
@@ -131,7 +132,8 @@ def resolve_image(recipe: str, method: str, meta_grad: str = "fast", *, max_weig
             "meta_ema": (base["meta_ema"] if fast else 0.0) if meta_ema is None else meta_ema,
             "teacher_prior": (base["teacher_prior"] if method == "deep" else "none")
             if teacher_prior in (None, "auto") else str(teacher_prior),
-            "teacher_prior_scale": base["teacher_prior_scale"] if teacher_prior_scale is None else teacher_prior_scale}
+            "teacher_prior_scale": base["teacher_prior_scale"] if teacher_prior_scale is None else teacher_prior_scale,
+            "weight_ema": base["weight_ema"] if weight_ema is None else float(weight_ema)}
 
 
 def describe(values: dict) -> str:

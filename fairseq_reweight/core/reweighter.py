@@ -34,6 +34,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from .config import METHODS, WEIGHT_NORMS
+from .memory import WeightMemory
 from .metagrad import MetaGrad
 from .teacher import Teacher
 from .weights import check_max_weight, l2rw_weights, normalize
@@ -56,6 +57,8 @@ class Reweighter:
         teacher_prior_scale: float = 2.0,
         weight_norm: str = "batch",
         prior_reference: bool = False,
+        weight_ema: float = 0.0,
+        num_examples: int = 0,
     ):
         if str(method) not in METHODS:
             raise ValueError(f"unknown reweighting method {method!r}; choose one of {', '.join(METHODS)}")
@@ -89,6 +92,8 @@ class Reweighter:
         self.teacher_prior: Optional[int] = None
         self.teacher_prior_scale = teacher_prior_scale
         self.prior_reference = prior_reference  # the prior standardised by a clean reference's moments (Teacher)
+        # --weight-ema: each example's teacher output averaged over its visits (core/memory.py; needs example ids)
+        self.memory = WeightMemory(weight_ema, num_examples) if weight_ema > 0 else None
         self.teacher: Optional[Teacher] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.meta_steps = 0
@@ -178,6 +183,7 @@ class Reweighter:
             "pending_moments": self.teacher.norm._acc,
             "pending_out_norm": None if self.teacher.out_norm is None else self.teacher.out_norm._acc,
             "pending_reference": None if self.teacher.reference is None else self.teacher.reference._acc,
+            **({} if self.memory is None else {"weight_memory": self.memory.state_dict()}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -191,6 +197,8 @@ class Reweighter:
             )
         self.meta_steps = state.get("meta_steps", 0)
         self.meta_skipped = state.get("meta_skipped", 0)
+        if self.memory is not None and "weight_memory" in state:  # a memory saved without one starts empty
+            self.memory.load_state_dict(state["weight_memory"])
         self.teacher, self.optimizer, self._pending = None, None, state
 
     # ------------------------------------------------------------------ weights
@@ -206,9 +214,11 @@ class Reweighter:
         meta_grad_fn: Optional[Callable[[torch.Tensor], MetaGrad]],
         batch_size: Optional[int] = None,
         device: Optional[torch.device] = None,
+        ids: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Dict[str, float]]:
         """Normalised weights for this batch (detached) and a dict of diagnostics to log; on a meta step the
-        teacher learns from ``meta_grad_fn(w)`` first and the weights come from the updated teacher."""
+        teacher learns from ``meta_grad_fn(w)`` first and the weights come from the updated teacher. ``ids``: the
+        examples' indices in the training set (``--weight-ema``)."""
         info: Dict[str, float] = {}
         if features is not None:
             batch_size, device = features.shape[0], features.device
@@ -217,14 +227,15 @@ class Reweighter:
             return ones, info
         if self.method == "l2rw":
             return self.l2rw(meta_grad_fn(torch.zeros_like(ones)), info), info
-        w, w_graph = self.teacher_weights(step, features)
+        meta = self.is_meta_step(step)
+        w, w_graph = self.teacher_weights(step, features, ids, stage=not meta)
         if w_graph is None:
             return w, info
         self.zero_teacher_grad()
         self.accumulate(w_graph, meta_grad_fn(w), info)
         self.step_teacher()
-        with torch.no_grad():
-            return self._normalize(self.teacher(features.detach().float())), info
+        with torch.no_grad():  # the updated teacher's weights are the ones the batch trains with
+            return self._normalize(self._remember(self.teacher(features.detach().float()), ids)), info
 
     def l2rw(self, mg: MetaGrad, info: Dict[str, float]) -> torch.Tensor:
         """L2RW weights from the meta-gradient at ``w = 0`` (uniform if no example helps)."""
@@ -237,16 +248,29 @@ class Reweighter:
     # The student's update uses the teacher's current weights; the meta-gradient of those weights is
     # computed from the student's own backward (see probe.py), back-propagated into the teacher with
     # `accumulate` (once per micro-batch) and applied by `step_teacher` once per update.
-    def teacher_weights(self, step: int, features: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``(weights, weights_with_graph)``: the second is None unless this is a teacher meta step."""
+    def teacher_weights(self, step: int, features: torch.Tensor, ids: Optional[torch.Tensor] = None,
+                        stage: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(weights, weights_with_graph)``: the second is None unless this is a teacher meta step. ``ids``: the
+        examples' indices (``--weight-ema``); ``stage``: these are the weights the batch trains with (remembered)."""
         teacher = self.ensure_teacher(features.shape[1], features.device)
         feats = features.detach().float()
         teacher.norm.accumulate(feats[:, : feats.shape[1] - teacher.passthrough])  # folded in by end_update
         if self.is_meta_step(step):
-            w = self._normalize(teacher(feats), accumulate=True)
+            w = self._normalize(self._remember(teacher(feats), ids, stage), accumulate=True)
             return w.detach(), w
         with torch.no_grad():
-            return self._normalize(teacher(feats), accumulate=True), None
+            return self._normalize(self._remember(teacher(feats), ids, stage), accumulate=True), None
+
+    def _remember(self, raw: torch.Tensor, ids: Optional[torch.Tensor], stage: bool = True) -> torch.Tensor:
+        """The teacher's outputs averaged into the examples' memory (``--weight-ema``; as they are without one)."""
+        if self.memory is None:
+            return raw
+        if ids is None:
+            raise ValueError("--weight-ema needs the examples' ids: pass ids= to the strategy's weights()")
+        mixed = self.memory.mix(ids, raw)
+        if stage:
+            self.memory.stage(ids, mixed)
+        return mixed
 
     def _normalize(self, raw: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
         """The teacher's output -> the batch's weights (``--weight-norm``); ``accumulate``: the output's mean
@@ -285,6 +309,8 @@ class Reweighter:
         every update (and after :meth:`step_teacher` on meta updates)."""
         if self.teacher is None:
             return
+        if self.memory is not None:
+            self.memory.commit(self.all_reduce if self.world_size > 1 else None)
         for norm in (self.teacher.norm, self.teacher.out_norm, self.teacher.reference):
             if norm is not None:
                 norm.commit(self.all_reduce if self.world_size > 1 else None)
@@ -315,7 +341,8 @@ class Reweighter:
         if self.teacher is None or self.all_reduce is None or self.world_size <= 1:
             return False
         flat = torch.cat([t.detach().double().flatten()
-                          for t in list(self.teacher.parameters()) + list(self.teacher.buffers())])
+                          for t in list(self.teacher.parameters()) + list(self.teacher.buffers())]
+                         + ([] if self.memory is None else [self.memory.checksum().reshape(1)]))
         s = torch.stack([flat.sum(), (flat * flat).sum()])
         stats = torch.cat([s, s * s])  # sum over workers of the checksums and of their squares
         self.all_reduce(stats)

@@ -83,6 +83,8 @@ class TrainConfig(ReweightConfig):
     # image-only: the teacher starts from the example's loss (the lower, the higher its weight); resolve_image
     teacher_prior: str = "auto"
     teacher_prior_scale: Optional[float] = None
+    # image-only: each example's weight averaged over its visits (core/memory.py); resolve_image
+    weight_ema: Optional[float] = None
     # run
     save_dir: str = "runs/image"
     resume: bool = False
@@ -99,7 +101,8 @@ def check_config(cfg: TrainConfig) -> None:
                                      teacher_weight_decay=cfg.teacher_weight_decay, weight_norm=cfg.weight_norm,
                                      meta_refresh=cfg.meta_refresh, meta_ema=cfg.meta_ema,
                                      teacher_prior=cfg.teacher_prior,
-                                     teacher_prior_scale=cfg.teacher_prior_scale).items():
+                                     teacher_prior_scale=cfg.teacher_prior_scale,
+                                     weight_ema=cfg.weight_ema).items():
         setattr(cfg, k, v)
     cfg.validate()
     if cfg.teacher_prior not in TEACHER_PRIORS:
@@ -107,6 +110,11 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.teacher_prior != "none" and m != "deep":
         raise ValueError(f"--teacher-prior {cfg.teacher_prior} is a prior of the deep teacher; --reweight-method {m} "
                          "keeps its published form: drop it, or use --reweight-method deep")
+    if not 0.0 <= cfg.weight_ema < 1.0:
+        raise ValueError(f"--weight-ema must be in [0, 1), got {cfg.weight_ema}")
+    if cfg.weight_ema > 0 and m not in ("mwnet", "deep"):
+        raise ValueError(f"--weight-ema averages a teacher's weights; --reweight-method {m} has no teacher: drop it, "
+                         "or use --reweight-method mwnet/deep")
     if str(cfg.meta_precondition) == "adam":
         raise ValueError("--meta-precondition adam needs an Adam student; the image student is SGD: drop it")
     if m != "none" and cfg.meta_size <= 0:
@@ -181,7 +189,8 @@ class Trainer:
                                      teacher_weight_decay=cfg.teacher_weight_decay, warmup=cfg.reweight_warmup or 0,
                                      weight_norm=str(cfg.weight_norm),
                                      # a low loss gets a high weight: the loss column enters the logit negated
-                                     teacher_prior_scale=-cfg.teacher_prior_scale)
+                                     teacher_prior_scale=-cfg.teacher_prior_scale,
+                                     weight_ema=cfg.weight_ema, num_examples=len(self.train_ids))
         self.layers = (student.parse_teacher_states(cfg.teacher_states, self.model.num_states)
                        if cfg.reweight_method == "deep" else [])
         student.probe_layers(self.model, cfg.meta_params)  # a bad --meta-params fails here, not at the first update
@@ -294,7 +303,7 @@ class Trainer:
             y = self.train_y[dev_idx]
             self.reweighter.last_grad_w = None
             w, out, info = self.train_step(self.augment(self.train_x[dev_idx], self.gen_train), y, lr,
-                                           min(self.updates / total, 1.0))
+                                           min(self.updates / total, 1.0), dev_idx)
             if self.dumper is not None:
                 self.dumper.write(self.updates, self.train_ids[idx], w, out.losses)
             self.updates += 1
@@ -324,10 +333,10 @@ class Trainer:
             record["signal_auc"] = float(np.mean(signal))
         return record
 
-    def train_step(self, x, y, lr: float, progress: float):
-        """One update on an (augmented) batch: ``(weights, student output, diagnostics)``. The hooks of
-        ``self.strategy`` (core/strategies/__init__.py) around the student's forward and backward, as in the
-        fairseq task's ``train_step``."""
+    def train_step(self, x, y, lr: float, progress: float, ids: torch.Tensor):
+        """One update on an (augmented) batch of the training examples ``ids``: ``(weights, student output,
+        diagnostics)``. The hooks of ``self.strategy`` (core/strategies/__init__.py) around the student's forward
+        and backward, as in the fairseq task's ``train_step``."""
         cfg, s, n, step = self.cfg, self.strategy, len(y), self.updates
         self._labels = y
         s.begin_update(step, params=list(self.model.parameters()),
@@ -338,7 +347,8 @@ class Trainer:
         if cfg.teacher_prior == "loss" and self.reweighter.teacher is None:  # set before the teacher is built
             self.reweighter.teacher_prior = student.loss_column(feats, cfg.reweight_method, self.num_classes)
         w, info = s.weights(step, feats, out.losses, lr=cfg.meta_lr if cfg.meta_lr is not None else lr,
-                            denom=float(n), lookahead=lambda: student.lookahead(self.model, x, y, *self._meta_batch()))
+                            denom=float(n), lookahead=lambda: student.lookahead(self.model, x, y, *self._meta_batch()),
+                            ids=ids)
         loss = (w * out.losses).sum() / n
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -357,7 +367,7 @@ class Trainer:
         idx = self._bench_perm[self._bench_pos:self._bench_pos + cfg.batch_size].to(self.device)
         self._bench_pos += cfg.batch_size
         self.model.train()
-        self.train_step(self.augment(self.train_x[idx], self.gen_train), self.train_y[idx], cfg.lr, 0.5)
+        self.train_step(self.augment(self.train_x[idx], self.gen_train), self.train_y[idx], cfg.lr, 0.5, idx)
         self.updates += 1
 
     def _meta_batch(self):

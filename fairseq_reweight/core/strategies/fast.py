@@ -82,8 +82,9 @@ class FastMetaGrad:
                                 dots=self.direction[0] if self.rw.has_teacher else None)
 
     def weights(self, step: int, features: Optional[torch.Tensor], losses: torch.Tensor, lr: float, denom: float,
-                lookahead=None) -> Tuple[torch.Tensor, Dict[str, float]]:
-        """Normalised weights of this batch (detached, mean 1) and diagnostics to log."""
+                lookahead=None, ids: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """Normalised weights of this batch (detached, mean 1) and diagnostics to log (``ids``: the examples'
+        indices in the training set, for ``--weight-ema``)."""
         rw, n, info = self.rw, losses.shape[0], {}
         self._w_graph, self._scale = None, (lr, denom, n)
         with torch.autograd.profiler.record_function("reweight"):
@@ -100,8 +101,8 @@ class FastMetaGrad:
                 return torch.ones(n, device=losses.device), info
             if self._active and not self.probe.weighted:  # replayed products: the teacher steps first
                 self._stepped = step
-                return rw.weights(step, features, lambda w: self.first_order(base=base))
-            w, self._w_graph = rw.teacher_weights(step, features)  # the graph only on meta updates
+                return rw.weights(step, features, lambda w: self.first_order(base=base), ids=ids)
+            w, self._w_graph = rw.teacher_weights(step, features, ids)  # the graph only on meta updates
             return w, info
 
     def after_backward(self, weights: torch.Tensor, info: Dict[str, float], loss_scale: float = 1.0) -> None:

@@ -40,13 +40,14 @@ class LookAhead:
         return replayed(lookahead(), losses, lr, denom, self.mode, self.fd_eps, self._rng)
 
     def weights(self, step: int, features: Optional[torch.Tensor], losses: torch.Tensor, lr: float, denom: float,
-                lookahead: Optional[Callable[[], tuple]] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+                lookahead: Optional[Callable[[], tuple]] = None,
+                ids: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
         n = losses.shape[0]
         if not self._real:
             return torch.ones(n, device=losses.device), {}
         fn = self.meta_grad_fn(lookahead, losses, lr, denom) if self._active else None
         with torch.autograd.profiler.record_function("reweight"):
-            return self.rw.weights(step, features, fn, batch_size=n, device=losses.device)
+            return self.rw.weights(step, features, fn, batch_size=n, device=losses.device, ids=ids)
 
     def after_backward(self, weights: torch.Tensor, info: Dict[str, float], loss_scale: float = 1.0) -> None:
         pass  # the teacher stepped in `weights`
