@@ -712,3 +712,60 @@ def test_running_weight_norm_resumes_a_checkpoint_of_the_older_format():
     again.end_update()
     assert torch.equal(again.teacher.out_norm.mean, rw.teacher.out_norm.mean)
     assert again.teacher.out_norm.count.tolist() == [2]
+
+
+def test_weight_ema_averages_each_examples_weight_over_its_visits():
+    """--weight-ema d: an example's weight is the batch-normalised average of the teacher's outputs at its visits,
+    m <- d m + (1 - d) teacher(x) (the output itself at the first visit), written once per update (end_update);
+    the meta-gradient reaches the teacher through the (1 - d) teacher(x) term; the memory is saved and restored."""
+    from fairseq_reweight.core.memory import WeightMemory
+
+    torch.manual_seed(0)
+    d, ids = 0.75, torch.tensor([0, 2, 4, 6, 8, 9])
+    feats = [torch.randn(6, 3) for _ in range(3)]
+    rw = Reweighter("deep", teacher_lr=1e-2, meta_interval=100, weight_ema=d, num_examples=10)
+    mg = MetaGrad(torch.randn(6), torch.tensor(1.0))
+    w0, _ = rw.weights(0, feats[0], lambda w: mg, ids=ids)  # a meta update: the teacher steps first
+    with torch.no_grad():
+        m0 = rw.teacher(feats[0])
+    assert torch.allclose(w0, normalize(m0), atol=1e-6)  # the first visit: the teacher's own weights
+    assert torch.isnan(rw.memory.values).all()  # staged, not yet written
+    rw.end_update()
+    assert torch.allclose(rw.memory.values[ids], m0) and torch.isnan(rw.memory.values[[1, 3, 5, 7]]).all()
+    # the second visit (no meta update): the average, normalised over the batch
+    w1, _ = rw.weights(1, feats[1], None, ids=ids)
+    with torch.no_grad():
+        r1 = rw.teacher(feats[1])
+    want = normalize(d * m0 + (1 - d) * r1)
+    assert torch.allclose(w1, want, atol=1e-6) and not torch.allclose(w1, normalize(r1), atol=1e-3)
+    rw.end_update()
+    # a batch of old and new examples, on a meta update: the gradient through the teacher is the average's
+    mixed_ids = torch.tensor([1, 2, 3, 4, 5, 6])
+    prev = rw.memory.values[mixed_ids].clone()
+    rw.meta_interval = 1
+    w2, graph = rw.teacher_weights(2, feats[2], mixed_ids)
+    raw = rw.teacher(feats[2])
+    # an unvisited example's memory starts at the output: its value, with the (1 - d) gradient of every visit
+    ref = normalize(d * torch.where(torch.isnan(prev), raw.detach(), prev) + (1 - d) * raw)
+    assert torch.allclose(w2, ref.detach(), atol=1e-6)
+    v = torch.randn(6)
+    params = list(rw.teacher.parameters())
+    for a, b in zip(torch.autograd.grad(graph @ v, params, allow_unused=True),
+                    torch.autograd.grad(ref @ v, params, allow_unused=True)):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6)
+    rw.zero_teacher_grad()
+    rw.end_update()
+    assert torch.allclose(rw.memory.values[mixed_ids],
+                          torch.where(torch.isnan(prev), raw, d * torch.nan_to_num(prev) + (1 - d) * raw).detach())
+    # saved and restored with the teacher; refused on a training set of another size; ids are checked
+    again = Reweighter("deep", teacher_lr=1e-2, weight_ema=d, num_examples=10)
+    again.load_state_dict(rw.state_dict())
+    assert torch.equal(again.memory.values.nan_to_num(-1), rw.memory.values.nan_to_num(-1))
+    with pytest.raises(ValueError, match="same data, or --reset-teacher"):
+        Reweighter("deep", weight_ema=d, num_examples=11).load_state_dict(rw.state_dict())
+    with pytest.raises(IndexError, match=r"within \[0, 10\)"):
+        rw.weights(3, feats[0], None, ids=ids + 5)
+    with pytest.raises(ValueError, match="ids"):
+        rw.weights(3, feats[0], None)
+    with pytest.raises(ValueError, match=r"--weight-ema must be in \[0, 1\)"):
+        WeightMemory(1.0, 10)

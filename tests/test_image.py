@@ -470,16 +470,18 @@ def test_image_recipe_paper_and_explicit_flags():
     explicit flags win over the recipe (--max-weight 0: no cap); fd/exact keep the fast-only flags plain."""
     from fairseq_reweight.image.train import TrainConfig, check_config
 
-    for kw, want in (({}, (2.0, 3.0, 4, 0.9, "loss", 0.5)), ({"reweight_recipe": "paper"}, (None, 0.0, 1, 0.0, "none", 2.0)),
-                     ({"max_weight": 0.0}, (None, 3.0, 4, 0.9, "loss", 0.5)),
-                     ({"teacher_weight_decay": 1.0, "max_weight": 3.0, "meta_refresh": 2}, (3.0, 1.0, 2, 0.9, "loss", 0.5)),
-                     ({"reweight_method": "mwnet"}, (None, 0.0, 1, 0.0, "none", 2.0)),
-                     ({"meta_grad": "fd"}, (2.0, 3.0, 1, 0.0, "loss", 0.5)),
-                     ({"teacher_prior": "none"}, (2.0, 3.0, 4, 0.9, "none", 0.5))):
+    for kw, want in (({}, (2.0, 3.0, 4, 0.9, "loss", 0.5, 0.8)),
+                     ({"reweight_recipe": "paper"}, (None, 0.0, 1, 0.0, "none", 2.0, 0.0)),
+                     ({"max_weight": 0.0}, (None, 3.0, 4, 0.9, "loss", 0.5, 0.8)),
+                     ({"teacher_weight_decay": 1.0, "max_weight": 3.0, "meta_refresh": 2}, (3.0, 1.0, 2, 0.9, "loss", 0.5, 0.8)),
+                     ({"reweight_method": "mwnet"}, (None, 0.0, 1, 0.0, "none", 2.0, 0.0)),
+                     ({"reweight_method": "mwnet", "weight_ema": 0.5}, (None, 0.0, 1, 0.0, "none", 2.0, 0.5)),
+                     ({"meta_grad": "fd"}, (2.0, 3.0, 1, 0.0, "loss", 0.5, 0.8)),
+                     ({"teacher_prior": "none", "weight_ema": 0.0}, (2.0, 3.0, 4, 0.9, "none", 0.5, 0.0))):
         cfg = TrainConfig(**kw)
         check_config(cfg)
         assert (cfg.max_weight, cfg.teacher_weight_decay, cfg.meta_refresh, cfg.meta_ema, cfg.teacher_prior,
-                cfg.teacher_prior_scale) == want, kw
+                cfg.teacher_prior_scale, cfg.weight_ema) == want, kw
     assert TrainConfig().meta_grad == "fast" and TrainConfig().meta_params == "auto"
     with pytest.raises(ValueError, match="--weight-norm must be one of batch, running"):
         check_config(TrainConfig(weight_norm="running-length"))
@@ -520,6 +522,8 @@ def test_cli_flag_errors(fashion, tmp_path, capsys):
         ("none", ["--resume"], "no checkpoint"),
         ("none", ["--data-dir", str(tmp_path / "void")], "apt-get install"),
         ("mwnet", ["--teacher-prior", "loss"], "keeps its published form"),
+        ("l2rw", ["--weight-ema", "0.5"], "--weight-ema averages a teacher's weights"),
+        ("deep", ["--weight-ema", "1"], "--weight-ema must be in [0, 1)"),
     ]:
         with pytest.raises(SystemExit):
             main(tiny_args(fashion, tmp_path / "e", method, *extra))
@@ -542,6 +546,7 @@ def test_resume_restores_teacher_and_continues_exactly(fashion, tmp_path):
     ckpt = torch.load(tmp_path / "b" / "checkpoint_last.pt", weights_only=True)  # plain tensors and containers
     saved = ckpt["reweighter"]
     assert saved["meta_steps"] == 10 and ckpt["epoch"] == 1 and ckpt["updates"] == 10
+    assert not saved["weight_memory"]["values"].isnan().any()  # --weight-ema (default): every example's weight
     with open(tmp_path / "b.tsv", "a") as f:  # rows of an update after the checkpoint, as if interrupted
         f.write("10\t1\t1.0\t1.0\n")
     cfg = parse_config(args("b", "--epochs", "2", "--resume", "--dump-weights", str(tmp_path / "b.tsv")))
@@ -684,6 +689,9 @@ def test_torchrun_two_workers_keep_one_teacher(fashion, tmp_path):
 
     out = launch()
     assert "teacher identical on all 2 workers" in out
+    # --weight-ema (default): rank 0's memory holds the weights of both workers' examples (summed over workers)
+    memory = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)["reweighter"]["weight_memory"]
+    assert memory["values"].numel() == 200 and not memory["values"].isnan().any()
     log = json.loads((tmp_path / "run" / "log.json").read_text())
     assert log["summary"]["updates"] == 5  # 200 images / (20 per worker x 2 workers)
     a = np.loadtxt(tmp_path / "w.tsv", skiprows=1)

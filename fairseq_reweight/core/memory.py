@@ -9,7 +9,7 @@ their average over the last five epochs with 0.93-0.97 (session 36, ``examples/i
     m_i <- decay * m_i + (1 - decay) * teacher(x_i)      (m_i = teacher(x_i) at the first visit)
 
 The student trains with the batch-normalised ``m``; the meta-gradient reaches the teacher through the
-``(1 - decay) * teacher(x_i)`` term. New values are staged per batch and written once per update by
+``(1 - decay) * teacher(x_i)`` term, at every visit (the first one too: see :meth:`WeightMemory.mix`). New values are staged per batch and written once per update by
 :meth:`WeightMemory.commit` (data parallel: summed over workers, so every worker keeps the same table).
 """
 
@@ -38,8 +38,11 @@ class WeightMemory:
         self._check(ids)
         self.values = self.values.to(raw.device)
         prev = self.values[ids].to(raw.dtype)
-        seen = ~torch.isnan(prev)
-        return torch.where(seen, self.decay * torch.nan_to_num(prev) + (1.0 - self.decay) * raw, raw)
+        # an example's first visit starts its memory at the teacher's output: the value is the output, and the
+        # gradient has the (1 - decay) scale of every later visit (a first epoch of larger gradients would swell
+        # the teacher Adam's second moment and slow the teacher for its ~1000-step memory)
+        prev = torch.where(torch.isnan(prev), raw.detach(), prev)
+        return self.decay * prev + (1.0 - self.decay) * raw
 
     def stage(self, ids: torch.Tensor, mixed: torch.Tensor) -> None:
         """The values the batch trained with, written by the next :meth:`commit`."""
