@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher-prior-scale", type=float, default=d.teacher_prior_scale,
                    help="initial scale of --teacher-prior (default: tuned 0.5)")
     g.add_argument("--weight-ema", type=float, default=d.weight_ema,
-                   help="mwnet/deep: each example's weight is the teacher's output averaged over its epochs with "
-                        "this decay per visit (0: this epoch's only; default: tuned deep 0.8, otherwise 0)")
+                   help="mwnet/deep: average each example's teacher output over its epochs with this decay per "
+                        "visit (0: off; default: tuned deep 0.8, otherwise 0)")
     g = p.add_argument_group("run")
     g.add_argument("--save-dir", default=d.save_dir, help="checkpoints, log.json, log.csv, labels.tsv")
     g.add_argument("--resume", action="store_true", help="continue from SAVE_DIR/checkpoint_last.pt")
