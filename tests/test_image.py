@@ -470,14 +470,14 @@ def test_image_recipe_paper_and_explicit_flags():
     explicit flags win over the recipe (--max-weight 0: no cap); fd/exact keep the fast-only flags plain."""
     from fairseq_reweight.image.train import TrainConfig, check_config
 
-    for kw, want in (({}, (2.0, 3.0, 4, 0.9, "loss", 0.5, 0.8)),
+    for kw, want in (({}, (2.0, 3.0, 5, 0.9, "loss", 0.5, 0.8)),
                      ({"reweight_recipe": "paper"}, (None, 0.0, 1, 0.0, "none", 2.0, 0.0)),
-                     ({"max_weight": 0.0}, (None, 3.0, 4, 0.9, "loss", 0.5, 0.8)),
+                     ({"max_weight": 0.0}, (None, 3.0, 5, 0.9, "loss", 0.5, 0.8)),
                      ({"teacher_weight_decay": 1.0, "max_weight": 3.0, "meta_refresh": 2}, (3.0, 1.0, 2, 0.9, "loss", 0.5, 0.8)),
                      ({"reweight_method": "mwnet"}, (None, 0.0, 1, 0.0, "none", 2.0, 0.0)),
                      ({"reweight_method": "mwnet", "weight_ema": 0.5}, (None, 0.0, 1, 0.0, "none", 2.0, 0.5)),
                      ({"meta_grad": "fd"}, (2.0, 3.0, 1, 0.0, "loss", 0.5, 0.8)),
-                     ({"teacher_prior": "none", "weight_ema": 0.0}, (2.0, 3.0, 4, 0.9, "none", 0.5, 0.0))):
+                     ({"teacher_prior": "none", "weight_ema": 0.0}, (2.0, 3.0, 5, 0.9, "none", 0.5, 0.0))):
         cfg = TrainConfig(**kw)
         check_config(cfg)
         assert (cfg.max_weight, cfg.teacher_weight_decay, cfg.meta_refresh, cfg.meta_ema, cfg.teacher_prior,
@@ -493,12 +493,12 @@ def test_image_recipe_paper_and_explicit_flags():
 ])
 def test_cli_fast_meta_gradient(method, meta_params, extra, fashion, tmp_path):
     """--meta-grad fast through the CLI: the teacher moves, weights are finite and normalised; with
-    --meta-refresh 3 a fresh meta direction is computed at updates 0, 3, 6, 9 only (deep's default, 4: 0, 4, 8)."""
+    --meta-refresh 3 a fresh meta direction is computed at updates 0, 3, 6, 9 only (deep's default, 5: 0, 5)."""
     summary = main(tiny_args(fashion, tmp_path / "run", method, "--meta-grad", "fast", "--meta-params", meta_params,
                              "--dump-weights", str(tmp_path / "w.tsv"), *extra))
     assert summary["finished"] and summary["meta_steps"] == 10 and summary["meta_skipped"] == 0
     saved = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)["meta_direction"]
-    assert (saved["calls"], saved["fresh"]) == (10, 4 if "--meta-refresh" in extra else 3 if method == "deep" else 10)
+    assert (saved["calls"], saved["fresh"]) == (10, 4 if "--meta-refresh" in extra else 2 if method == "deep" else 10)
     w = np.loadtxt(tmp_path / "w.tsv", skiprows=1)[:, 2].reshape(10, 20)
     assert np.isfinite(w).all() and w[-1].std() > 1e-4  # not uniform: the teacher (or l2rw) reacted
     full = (w > 0).sum(1) >= 20 / 1.5 if "--max-weight" in extra else np.ones(10, bool)
